@@ -1,0 +1,33 @@
+"""uniref: multi-reference image editing with diffusion transformers (UniRef-Image-Edit).
+
+Public API:
+    plan_reference_sizes   SELF's global pixel-budget planner
+    pack_latents           batch of (target + references) latents -> packed tokens, cu_seqlens, position ids
+    unpack_latents         the exact inverse
+    concat_joint / split_joint   per-sample [text ; image] joint sequences for MMDiT attention
+    info                   what was built (CPU/CUDA kernels, archs, optional backends)
+"""
+
+__version__ = "0.1.0"
+
+from uniref import ops  # noqa: E402,F401  (loads uniref._C)
+from uniref.info import build_info, info  # noqa: E402
+from uniref.self import (  # noqa: E402
+    PackedLatents,
+    concat_joint,
+    pack_latents,
+    plan_reference_sizes,
+    split_joint,
+    unpack_latents,
+)
+
+__all__ = [
+    "PackedLatents",
+    "build_info",
+    "concat_joint",
+    "info",
+    "pack_latents",
+    "plan_reference_sizes",
+    "split_joint",
+    "unpack_latents",
+]
