@@ -93,7 +93,7 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.6", "numpy", "pillow", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "diffusers"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["uniref=uniref.cli:main"]},
