@@ -20,12 +20,53 @@ inline size_t image_of_row(const std::vector<ImageDesc>& descs, int64_t row) {
   return static_cast<size_t>(it - descs.begin()) - 1;
 }
 
+// A patch-row of one image is a transpose: its C*p source rows (channel c, pixel row pi), each
+// holding w/p chunks of p contiguous pixels, become w/p tokens of C*p chunks. With unit pixel stride
+// a chunk moves as one word of p * sizeof(element) bytes.
+template <size_t kBytes>
+struct Chunk {
+  unsigned char bytes[kBytes];
+};
+
+// Transposes rows x cols chunks, src(r, j) -> dst(j, r), in square blocks so both sides stay in cache.
+template <typename C, bool kPack>
+inline void transpose_chunks(C* tile, C* const* rows_ptr, int64_t rows, int64_t cols) {
+  constexpr int64_t kBlock = 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t r1 = std::min(rows, r0 + kBlock);
+    for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+      const int64_t j1 = std::min(cols, j0 + kBlock);
+      for (int64_t r = r0; r < r1; ++r) {
+        C* row = rows_ptr[r];
+        for (int64_t j = j0; j < j1; ++j) {
+          if constexpr (kPack)
+            tile[j * rows + r] = row[j];
+          else
+            row[j] = tile[j * rows + r];
+        }
+      }
+    }
+  }
+}
+
+template <bool kPack>
+inline void transpose_by_width(size_t bytes, void* tile, void* const* rows, int64_t n, int64_t cols) {
+  switch (bytes) {
+    case 1: return transpose_chunks<Chunk<1>, kPack>(static_cast<Chunk<1>*>(tile), reinterpret_cast<Chunk<1>* const*>(rows), n, cols);
+    case 2: return transpose_chunks<Chunk<2>, kPack>(static_cast<Chunk<2>*>(tile), reinterpret_cast<Chunk<2>* const*>(rows), n, cols);
+    case 4: return transpose_chunks<Chunk<4>, kPack>(static_cast<Chunk<4>*>(tile), reinterpret_cast<Chunk<4>* const*>(rows), n, cols);
+    case 8: return transpose_chunks<Chunk<8>, kPack>(static_cast<Chunk<8>*>(tile), reinterpret_cast<Chunk<8>* const*>(rows), n, cols);
+    default: return transpose_chunks<Chunk<16>, kPack>(static_cast<Chunk<16>*>(tile), reinterpret_cast<Chunk<16>* const*>(rows), n, cols);
+  }
+}
+
 template <typename T, bool kPack>
 void copy_patch_rows(const std::vector<ImageDesc>& descs, T* tokens, int32_t* position_ids, int64_t p,
                      int64_t total_rows) {
   const int64_t pp = p * p;
   at::parallel_for(0, total_rows, 1, [&](int64_t begin, int64_t end) {
     size_t k = image_of_row(descs, begin);
+    std::vector<T*> rows_ptr;
     for (int64_t row = begin; row < end; ++row) {
       while (row >= descs[k].row_offset + descs[k].height / p) ++k;
       const ImageDesc& d = descs[k];
@@ -33,19 +74,26 @@ void copy_patch_rows(const std::vector<ImageDesc>& descs, T* tokens, int32_t* po
       const int64_t wp = d.width / p;
       const int64_t features = d.channels * pp;
       T* tile = tokens + (d.token_offset + i * wp) * features;
-      for (int64_t c = 0; c < d.channels; ++c) {
-        for (int64_t pi = 0; pi < p; ++pi) {
-          const int64_t y = i * p + pi;
-          T* out = tile + c * pp + pi * p;
-          if constexpr (kPack) {
-            const T* in = static_cast<const T*>(d.src) + c * d.stride_c + y * d.stride_h;
+      T* base = kPack ? const_cast<T*>(static_cast<const T*>(d.src)) : static_cast<T*>(d.dst);
+      if (d.stride_w == 1 && p * sizeof(T) <= 16 && ((p * sizeof(T)) & (p * sizeof(T) - 1)) == 0) {
+        rows_ptr.resize(d.channels * p);
+        for (int64_t c = 0; c < d.channels; ++c)
+          for (int64_t pi = 0; pi < p; ++pi) rows_ptr[c * p + pi] = base + c * d.stride_c + (i * p + pi) * d.stride_h;
+        const int64_t n = d.channels * p;
+        transpose_by_width<kPack>(p * sizeof(T), tile, reinterpret_cast<void* const*>(rows_ptr.data()), n, wp);
+      } else {
+        for (int64_t c = 0; c < d.channels; ++c) {
+          for (int64_t pi = 0; pi < p; ++pi) {
+            T* img = base + c * d.stride_c + (i * p + pi) * d.stride_h;
+            T* out = tile + c * pp + pi * p;
             const int64_t sw = d.stride_w;
             for (int64_t j = 0; j < wp; ++j)
-              for (int64_t pj = 0; pj < p; ++pj) out[j * features + pj] = in[(j * p + pj) * sw];
-          } else {
-            T* img = static_cast<T*>(d.dst) + c * d.stride_c + y * d.stride_h;
-            for (int64_t j = 0; j < wp; ++j)
-              for (int64_t pj = 0; pj < p; ++pj) img[j * p + pj] = out[j * features + pj];
+              for (int64_t pj = 0; pj < p; ++pj) {
+                if constexpr (kPack)
+                  out[j * features + pj] = img[(j * p + pj) * sw];
+                else
+                  img[(j * p + pj) * sw] = out[j * features + pj];
+              }
           }
         }
       }

@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def poison():
+    """Fills every tensor the kernels allocate with NaN (max int for integer tensors), so an element a
+    kernel forgets to write shows up instead of passing with whatever the allocator left there."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev_det)
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill

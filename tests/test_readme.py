@@ -1,0 +1,24 @@
+"""The README's fresh-machine commands are what CI runs."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [next(line for line in b.splitlines() if line and not line.startswith("#")) for b in blocks[:2]]
+
+
+def test_readme_has_two_fresh_machine_commands_first():
+    main_job, tests = readme_commands()
+    assert "pip install" in main_job and "uniref" in main_job.split("&&")[-1]
+    assert "pip install" in tests and tests.split("&&")[-1].strip().startswith("pytest")
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    _, tests = readme_commands()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci
