@@ -1,26 +1,8 @@
 // Every uniref op's schema, in one place. Implementations live next to their kernels
 // (csrc/<op>/<op>_cpu.cpp, <op>_cuda.cpp) or in Python (uniref/ops/) for the Triton-backed ops;
-// fake kernels and autograd formulas are registered in uniref/ops/.
-#include <Python.h>
+// fake kernels and autograd formulas are registered in uniref/ops/. The Python module entry point
+// is csrc/module.cpp.
 #include <torch/library.h>
-
-#ifndef UNIREF_CUDA_ARCHS
-#define UNIREF_CUDA_ARCHS ""
-#endif
-
-// `import uniref._C` loads this library, which runs the TORCH_LIBRARY registrations below.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "uniref compiled ops", -1, nullptr};
-  PyObject* m = PyModule_Create(&module);
-  if (m == nullptr) return nullptr;
-#ifdef UNIREF_WITH_CUDA
-  PyModule_AddIntConstant(m, "with_cuda", 1);
-#else
-  PyModule_AddIntConstant(m, "with_cuda", 0);
-#endif
-  PyModule_AddStringConstant(m, "cuda_archs", UNIREF_CUDA_ARCHS);
-  return m;
-}
 
 TORCH_LIBRARY(uniref, m) {
   // SELF packing: images (C, h, w) of all samples, in order -> tokens (T, C*p*p) and
