@@ -141,6 +141,8 @@ inline JointDesc describe_joint(const char* op, const at::Tensor& text, const at
   d.batch = cu_text.size(0) - 1;
   d.row_bytes = c10::multiply_integers(text.sizes().slice(1)) * static_cast<int64_t>(text.element_size());
   d.total_rows = text.size(0) + image.size(0);
+  d.text_rows = text.size(0);
+  d.image_rows = image.size(0);
   return d;
 }
 

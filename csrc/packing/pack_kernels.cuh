@@ -55,6 +55,8 @@ __global__ void pack_latents_kernel(const ImageDesc* __restrict__ descs, int64_t
 }
 
 // Rows of the joint layout; V is the widest vector type that divides the row and all pointers.
+// cu_seqlens values on the device are not validated (that would synchronize), so a row whose source
+// falls outside its stream is skipped rather than read or written out of bounds.
 template <typename V, bool kSplit>
 __global__ void joint_copy_kernel(JointDesc d, char* joint, const char* text_in, const char* image_in,
                                   char* text_out, char* image_out) {
@@ -67,6 +69,7 @@ __global__ void joint_copy_kernel(JointDesc d, char* joint, const char* text_in,
     const int64_t text_len = d.cu_text[b + 1] - d.cu_text[b];
     const bool is_text = local < text_len;
     const int64_t src_row = is_text ? d.cu_text[b] + local : d.cu_image[b] + (local - text_len);
+    if (src_row < 0 || src_row >= (is_text ? d.text_rows : d.image_rows)) continue;
     V* j = reinterpret_cast<V*>(joint + r * d.row_bytes);
     if (kSplit) {
       V* s = reinterpret_cast<V*>((is_text ? text_out : image_out) + src_row * d.row_bytes);

@@ -27,6 +27,8 @@ struct JointDesc {
   int64_t batch;
   int64_t row_bytes;        // bytes per row, identical in all three tensors
   int64_t total_rows;       // rows of the joint tensor
+  int64_t text_rows;        // rows of the text stream
+  int64_t image_rows;       // rows of the image stream
 };
 
 }  // namespace uniref
