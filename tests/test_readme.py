@@ -22,3 +22,9 @@ def test_ci_runs_the_readme_test_command_verbatim():
     _, tests = readme_commands()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci
+
+
+def test_readme_python_examples_run():
+    text = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        exec(compile(block, "README.md", "exec"), {})
