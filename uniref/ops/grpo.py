@@ -12,6 +12,8 @@ inputs are not checked because that needs a device-to-host sync on every call (s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -31,6 +33,18 @@ def _triton_kernels():
     return grpo
 
 
+def _on_device(fn):
+    """Runs a CUDA implementation with its tensors' device current (Triton launches on the current
+    device). args[1] is a tensor in all three schemas: group_ids, mean, x_next."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        with torch.cuda.device(args[1].device):
+            return fn(*args)
+
+    return wrapper
+
+
 # ---- group_advantages ---------------------------------------------------------------------------------
 
 
@@ -47,6 +61,7 @@ def _group_advantages_cpu(rewards, group_ids, weights, normalize_first, batch_st
 
 
 @torch.library.impl("uniref::group_advantages", "cuda")
+@_on_device
 def _group_advantages_cuda(rewards, group_ids, weights, normalize_first, batch_std, eps, clip):
     if ref.compute_dtype(rewards, weights) == torch.float64:
         return _group_advantages_cpu(rewards, group_ids, weights, normalize_first, batch_std, eps, clip)
@@ -84,6 +99,7 @@ def _loss_cpu(x_next, mean, mean_ref, old_log_prob, advantages, step_std, kl_std
 
 
 @torch.library.impl("uniref::flow_grpo_loss", "cuda")
+@_on_device
 def _loss_cuda(x_next, mean, mean_ref, old_log_prob, advantages, step_std, kl_std, clip_range, beta, gaussian):
     args = (x_next, mean, mean_ref, old_log_prob, advantages, step_std, kl_std, clip_range, beta, gaussian)
     if ref.compute_dtype(*args[:7]) == torch.float64:
@@ -102,6 +118,7 @@ def _loss_backward_cpu(grad_loss, x_next, mean, mean_ref, grad_coef):
 
 
 @torch.library.impl("uniref::flow_grpo_loss_backward", "cuda")
+@_on_device
 def _loss_backward_cuda(grad_loss, x_next, mean, mean_ref, grad_coef):
     if grad_coef.dtype == torch.float64:
         return _loss_backward_cpu(grad_loss, x_next, mean, mean_ref, grad_coef)

@@ -82,18 +82,18 @@ def sde_step_reference(
 def log_prob_reference(x_next: Tensor, mean: Tensor, step_std: Tensor, gaussian: bool = True) -> Tensor:
     """Per-sample log-probability of x_next under N(mean, step_std^2), MEAN over the non-batch elements.
 
-    gaussian=True: mean(-(x - mean)^2 / (2 std^2) - log(std) - log(sqrt(2 pi))) (Flow-GRPO "sde");
-    gaussian=False: mean(-(x - mean)^2) (Flow-GRPO "cps", constants dropped). Inputs (N, ...) and (N,);
-    returns (N,) in the compute dtype.
+    gaussian=True: mean(-(x - mean)^2 / (2 std^2) - log(std) - log(sqrt(2 pi))) (Flow-GRPO "sde"),
+    evaluated as -mean((x - mean)^2) / (2 std^2) - log(std) - log(sqrt(2 pi)) (std is constant within a
+    sample; tests check it against the per-element form); gaussian=False: -mean((x - mean)^2) (Flow-GRPO
+    "cps", constants dropped). Inputs (N, ...) and (N,); returns (N,) in the compute dtype.
     """
     dtype = compute_dtype(x_next, mean, step_std)
-    diff2 = (x_next.to(dtype) - mean.to(dtype)) ** 2
-    if gaussian:
-        std = _per_sample(step_std.to(dtype), diff2.dim())
-        per_elem = -diff2 / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
-    else:
-        per_elem = -diff2
-    return per_elem.reshape(per_elem.shape[0], -1).mean(dim=1)
+    diff = x_next.to(dtype) - mean.to(dtype)
+    mean_sq = diff.square().reshape(diff.shape[0], -1).mean(dim=1)
+    if not gaussian:
+        return -mean_sq
+    std = step_std.to(dtype)
+    return -mean_sq / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
 
 
 # ---- advantages -------------------------------------------------------------------------------------
@@ -236,8 +236,8 @@ def flow_grpo_loss_backward_reference(
     """d loss / d mean from the per-sample coefficients of `flow_grpo_loss_grad_coef`; like `mean`."""
     dtype = grad_coef.dtype
     c = grad_coef * grad_loss.to(dtype)
-    c_pg = _per_sample(c[:, 0], mean.dim())
-    grad = c_pg * (x_next.to(dtype) - mean.to(dtype))
+    # One output buffer updated in place: this is the CPU op's backward, never differentiated itself.
+    grad = torch.sub(x_next.to(dtype), mean.to(dtype)).mul_(_per_sample(c[:, 0], mean.dim()))
     if mean_ref is not None:
-        grad = grad + _per_sample(c[:, 1], mean.dim()) * (mean.to(dtype) - mean_ref.to(dtype))
+        grad.addcmul_(torch.sub(mean.to(dtype), mean_ref.to(dtype)), _per_sample(c[:, 1], mean.dim()))
     return grad.to(mean.dtype).contiguous()
