@@ -26,6 +26,8 @@ from uniref.ops import grpo_reference as ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
+# On a GPU machine every test here runs the compiled kernels: mark them for `pytest -k cuda`.
+pytestmark = [pytest.mark.cuda] if DEVICE == "cuda" else []
 
 
 def test_kernels_are_interpreted_without_cuda():
@@ -239,3 +241,32 @@ def test_advantage_kernel_property(n, sources, groups, normalize_first, batch_st
     rewards, ids, weights = advantage_inputs(n, sources, groups, seed, integer_rewards=seed % 2 == 0)
     check_advantages(rewards, ids, weights, normalize_first, batch_std, eps=0.0 if seed % 3 == 0 else 1e-4,
                      block_i=8, block_j=block_j)  # fmt: skip
+
+
+# ---- the ops' CUDA implementations (dispatch glue: float64 fallback, launch arguments) --------------------
+
+
+def test_cuda_implementations_match_cpu_ones(poison):
+    from uniref.ops import grpo as ops_grpo
+
+    for dtype in (torch.float32, torch.float64):
+        x_next, mean, old, adv, std, mean_ref = (t.to(DEVICE, dtype) for t in loss_inputs(n=3, shape=(5, 7)))
+        args = (x_next, mean, mean_ref, old, adv, std, std * 2, 1e-4, 0.3, True)
+        got = ops_grpo._loss_cuda(*args)
+        want = ops_grpo._loss_cpu(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype
+            torch.testing.assert_close(g.cpu(), w, rtol=3e-5, atol=1e-7)
+        grad_args = (torch.tensor(0.5, device=DEVICE, dtype=dtype), x_next, mean, mean_ref, want[5].to(DEVICE))
+        torch.testing.assert_close(
+            ops_grpo._loss_backward_cuda(*grad_args).cpu(),
+            ops_grpo._loss_backward_cpu(*(a.cpu() for a in grad_args)), rtol=3e-5, atol=1e-9,
+        )  # fmt: skip
+        rewards, ids, weights = advantage_inputs(19, 2, 4, seed=1)
+        for normalize_first in (False, True):
+            adv_args = (rewards.to(dtype), ids, weights.to(dtype), normalize_first, True, 1e-4, 5.0)
+            got = ops_grpo._group_advantages_cuda(*adv_args)
+            want = ops_grpo._group_advantages_cpu(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in adv_args))
+            assert got[0].dtype == want[0].dtype
+            torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[1].cpu(), want[1])

@@ -12,6 +12,7 @@ inputs are not checked because that needs a device-to-host sync on every call (s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -35,11 +36,13 @@ def _triton_kernels():
 
 def _on_device(fn):
     """Runs a CUDA implementation with its tensors' device current (Triton launches on the current
-    device). args[1] is a tensor in all three schemas: group_ids, mean, x_next."""
+    device). args[1] is a tensor in all three schemas: group_ids, mean, x_next. Tensors on other devices
+    (the tests' CPU tensors under the Triton interpreter) run as they are."""
 
     @functools.wraps(fn)
     def wrapper(*args):
-        with torch.cuda.device(args[1].device):
+        device = args[1].device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             return fn(*args)
 
     return wrapper
@@ -55,12 +58,10 @@ def _group_advantages_fake(rewards, group_ids, weights, normalize_first, batch_s
     return advantages, rewards.new_empty((n, s if normalize_first else 1), dtype=torch.bool)
 
 
-@torch.library.impl("uniref::group_advantages", "cpu")
 def _group_advantages_cpu(rewards, group_ids, weights, normalize_first, batch_std, eps, clip):
     return ref.group_advantages_reference(rewards, group_ids, weights, normalize_first, batch_std, eps, clip)
 
 
-@torch.library.impl("uniref::group_advantages", "cuda")
 @_on_device
 def _group_advantages_cuda(rewards, group_ids, weights, normalize_first, batch_std, eps, clip):
     if ref.compute_dtype(rewards, weights) == torch.float64:
@@ -80,7 +81,6 @@ def _loss_fake(x_next, mean, mean_ref, old_log_prob, advantages, step_std, kl_st
             mean.new_empty((n, 2), dtype=dtype))  # fmt: skip
 
 
-@torch.library.impl("uniref::flow_grpo_loss", "cpu")
 def _loss_cpu(x_next, mean, mean_ref, old_log_prob, advantages, step_std, kl_std, clip_range, beta, gaussian):
     for name, std in (("step_std", step_std), ("kl_std", kl_std)):
         if not bool((std > 0).all()):
@@ -98,7 +98,6 @@ def _loss_cpu(x_next, mean, mean_ref, old_log_prob, advantages, step_std, kl_std
     return loss, stats["log_prob"], stats["ratio"], stats["kl"], stats["clip_fraction"], coef
 
 
-@torch.library.impl("uniref::flow_grpo_loss", "cuda")
 @_on_device
 def _loss_cuda(x_next, mean, mean_ref, old_log_prob, advantages, step_std, kl_std, clip_range, beta, gaussian):
     args = (x_next, mean, mean_ref, old_log_prob, advantages, step_std, kl_std, clip_range, beta, gaussian)
@@ -112,12 +111,10 @@ def _loss_backward_fake(grad_loss, x_next, mean, mean_ref, grad_coef):
     return torch.empty_like(mean, memory_format=torch.contiguous_format)
 
 
-@torch.library.impl("uniref::flow_grpo_loss_backward", "cpu")
 def _loss_backward_cpu(grad_loss, x_next, mean, mean_ref, grad_coef):
     return ref.flow_grpo_loss_backward_reference(grad_loss, x_next, mean, mean_ref, grad_coef)
 
 
-@torch.library.impl("uniref::flow_grpo_loss_backward", "cuda")
 @_on_device
 def _loss_backward_cuda(grad_loss, x_next, mean, mean_ref, grad_coef):
     if grad_coef.dtype == torch.float64:
@@ -142,3 +139,13 @@ def _loss_backward(ctx, grad_loss, *_grad_stats):
 
 
 torch.library.register_autograd("uniref::flow_grpo_loss", _loss_backward, setup_context=_loss_setup)
+
+# Device kernels, registered explicitly (torch.library.impl used as a decorator returns None, and the
+# CUDA implementations call the CPU ones for float64).
+for _name, _cpu, _cuda in (
+    ("group_advantages", _group_advantages_cpu, _group_advantages_cuda),
+    ("flow_grpo_loss", _loss_cpu, _loss_cuda),
+    ("flow_grpo_loss_backward", _loss_backward_cpu, _loss_backward_cuda),
+):
+    torch.library.register_kernel(f"uniref::{_name}", "cpu", _cpu)
+    torch.library.register_kernel(f"uniref::{_name}", "cuda", _cuda)
