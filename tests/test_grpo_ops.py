@@ -58,7 +58,8 @@ def test_loss_matches_reference(device, dtype, kind, beta, clip_regime, poison):
     assert stats["clip_fraction"].item() == exp_stats["clip_fraction"].item() == (1.0 if clip_regime == "outside" else 0.0)
     assert mean.grad.dtype == dtype and mean.grad.shape == mean.shape
     grad_tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else tol
-    torch.testing.assert_close(mean.grad.double().cpu(), exp_grad.cpu(), rtol=grad_tol, atol=grad_tol * exp_grad.abs().max().item())
+    atol = grad_tol * exp_grad.abs().max().item()
+    torch.testing.assert_close(mean.grad.double().cpu(), exp_grad.cpu(), rtol=grad_tol, atol=atol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -69,7 +70,9 @@ def test_loss_awkward_shapes_and_kl_std(device, poison):
         mean = mean.clone().requires_grad_()
         loss, stats = grpo.flow_grpo_loss(x_next, mean, old, adv, std, 1e-4, mean_ref, 0.5, kl_std)
         loss.backward()
-        exp_loss, exp_stats, exp_grad = reference_loss_and_grad(x_next, mean, old, adv, std, 1e-4, mean_ref, 0.5, kl_std, "sde")
+        exp_loss, exp_stats, exp_grad = reference_loss_and_grad(
+            x_next, mean, old, adv, std, 1e-4, mean_ref, 0.5, kl_std, "sde"
+        )
         torch.testing.assert_close(loss.double().cpu(), exp_loss.cpu(), rtol=2e-5, atol=2e-5)
         torch.testing.assert_close(stats["kl"].double().cpu(), exp_stats["kl"].cpu(), rtol=2e-5, atol=2e-6)
         torch.testing.assert_close(mean.grad.double().cpu(), exp_grad.cpu(), rtol=2e-5, atol=1e-7)
@@ -258,7 +261,11 @@ def test_advantages_are_permutation_equivariant(n, sources, groups, aggregate, s
 def _bad_advantage_cases():
     ok = dict(rewards=torch.randn(4, 2), group_ids=torch.tensor([0, 0, 1, 1]))
     return ok, {
-        "nan_reward": (dict(rewards=torch.tensor([[1.0, 0.0], [math.nan, 0.0], [0.0, 0.0], [1.0, 1.0]])), ValueError, "non-finite values in 1 row"),
+        "nan_reward": (
+            dict(rewards=torch.tensor([[1.0, 0.0], [math.nan, 0.0], [0.0, 0.0], [1.0, 1.0]])),
+            ValueError,
+            "non-finite values in 1 row",
+        ),
         "inf_reward": (dict(rewards=torch.tensor([0.0, 1.0, math.inf, 2.0])), ValueError, "rewards hold non-finite"),
         "ids_length": (dict(group_ids=torch.tensor([0, 0, 1])), ValueError, "group_ids must have shape"),
         "ids_float": (dict(group_ids=torch.tensor([0.0, 0.0, 1.0, 1.0])), TypeError, "group_ids must hold integer"),
@@ -291,7 +298,8 @@ def test_opcheck(device):
     x_next, mean, old, adv, std, mean_ref = (t.float().to(device) for t in loss_inputs(n=3, shape=(5,)))
     for beta, ref_ in ((0.0, None), (0.2, mean_ref)):
         m = mean.clone().requires_grad_()
-        torch.library.opcheck(torch.ops.uniref.flow_grpo_loss.default, (x_next, m, ref_, old, adv, std, std, 1e-4, beta, True))
+        args = (x_next, m, ref_, old, adv, std, std, 1e-4, beta, True)
+        torch.library.opcheck(torch.ops.uniref.flow_grpo_loss.default, args)
     coef = torch.randn(3, 2, device=device)
     torch.library.opcheck(
         torch.ops.uniref.flow_grpo_loss_backward.default, (torch.tensor(1.0, device=device), x_next, mean, mean_ref, coef)
@@ -322,8 +330,11 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(m_comp.grad, m_eager.grad)
 
     rewards, ids, weights = advantage_case(device=device)
-    adv_op = torch.compile(lambda r, i, w: torch.ops.uniref.group_advantages(r, i, w, True, False, 1e-4, 5.0), fullgraph=True)
-    torch.testing.assert_close(adv_op(rewards, ids, weights)[0], torch.ops.uniref.group_advantages(rewards, ids, weights, True, False, 1e-4, 5.0)[0])
+    def advantages(r, i, w):
+        return torch.ops.uniref.group_advantages(r, i, w, True, False, 1e-4, 5.0)[0]
+
+    compiled = torch.compile(advantages, fullgraph=True)
+    torch.testing.assert_close(compiled(rewards, ids, weights), advantages(rewards, ids, weights))
 
     x, v, noise = (torch.randn(2, 6, device=device) for _ in range(3))
     sde = torch.compile(lambda x, v, n: grpo.sde_step_with_logprob(x, v, 0.7, 0.6, 0.9, noise=n), fullgraph=True)

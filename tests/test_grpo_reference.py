@@ -26,7 +26,8 @@ def sde_from_scratch(x, v, s, s_next, a, noise, kind):
         mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
         sigma_step = std_t * math.sqrt(-dt)
         x_next = mean + sigma_step * noise
-        logp = np.mean(-((x_next - mean) ** 2) / (2 * sigma_step**2) - math.log(sigma_step) - math.log(math.sqrt(2 * math.pi)))
+        density = -((x_next - mean) ** 2) / (2 * sigma_step**2) - math.log(sigma_step) - math.log(math.sqrt(2 * math.pi))
+        logp = np.mean(density)
     else:
         sigma_step = s_next * math.sin(a * math.pi / 2)
         x0_hat = x - s * v
@@ -213,7 +214,8 @@ def loss_inputs(n=5, shape=(3, 7), dtype=F64, clip_regime="mixed", seed=0, laten
 def test_loss_reference_matches_from_scratch(gaussian, beta):
     x_next, mean, old, adv, std, mean_ref = loss_inputs()
     loss, stats = ref.flow_grpo_loss_reference(x_next, mean, old, adv, std, 1e-4, mean_ref, beta, None, gaussian)
-    expected = loss_from_scratch(*(t.numpy() for t in (x_next, mean, old, adv, std)), 1e-4, mean_ref.numpy(), beta, gaussian)
+    arrays = (t.numpy() for t in (x_next, mean, old, adv, std))
+    expected = loss_from_scratch(*arrays, 1e-4, mean_ref.numpy(), beta, gaussian)
     assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-14)
     ratio = stats["ratio"]
     assert stats["clip_fraction"].item() == pytest.approx(((ratio - 1).abs() > 1e-4).double().mean().item())

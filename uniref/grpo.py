@@ -7,7 +7,7 @@ clipped policy loss (formulas: `shared/reference/flow_grpo.md`).
 
 `group_advantages` and `flow_grpo_loss` run the `uniref::group_advantages` and `uniref::flow_grpo_loss`
 ops: fused Triton kernels on CUDA (one launch for the advantages, one forward and one backward launch
-for the loss, no host sync), fp32 torch references on CPU. `sde_step_with_logprob` is plain torch
+for the loss plus a 4-byte counter fill, no host sync), fp32 torch references on CPU. `sde_step_with_logprob` is plain torch
 (elementwise math that autograd differentiates through to the model's velocity).
 """
 
@@ -78,8 +78,13 @@ def _check_real(fn: str, name: str, value, low: float, *, strict: bool = False, 
 # ---- SDE step ---------------------------------------------------------------------------------------------
 
 
-def _per_sample_value(name: str, value, n: int, like: Tensor, dtype: torch.dtype) -> Tensor:
-    """A Python number or a () / (N,) tensor -> a () or (N,) tensor on like's device."""
+def _per_sample_value(name: str, value, n: int, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A Python number or a () / (N,) tensor -> (the value to check, the value to compute with).
+
+    A number is checked as a 0-d CPU tensor (no device sync; torch mixes 0-d CPU tensors with device
+    ones) rounded to the compute dtype exactly like the device copy, which `torch.full` makes without a
+    host-to-device transfer.
+    """
     fn = "sde_step_with_logprob"
     if isinstance(value, Tensor):
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n):
@@ -88,10 +93,10 @@ def _per_sample_value(name: str, value, n: int, like: Tensor, dtype: torch.dtype
             raise TypeError(f"{fn}: {name} must be a float tensor, got {value.dtype}")
         if value.device != like.device:
             raise ValueError(f"{fn}: {name} is on {value.device} but x_t is on {like.device}; move it there")
-        return value
+        return value, value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a number or a tensor, got {type(value).__name__}")
-    return torch.tensor(float(value), dtype=dtype, device=like.device)
+    return torch.tensor(float(value), dtype=dtype), torch.full((), float(value), dtype=dtype, device=like.device)
 
 
 def sde_step_with_logprob(
@@ -138,7 +143,7 @@ def sde_step_with_logprob(
     Raises:
         TypeError / ValueError naming the argument: bad shapes, dtypes, devices, unknown kind,
         sigmas outside 0 <= sigma_next < sigma <= 1, noise_level <= 0, conflicting noise arguments.
-        Tensor-valued sigmas are checked on the host (one sync), except under torch.compile.
+        Number-valued sigmas are checked for free; device tensors cost one sync (skipped under torch.compile).
     """
     fn = "sde_step_with_logprob"
     if kind not in _KINDS:
@@ -155,19 +160,20 @@ def sde_step_with_logprob(
         _check_batch_tensor(fn, "noise", noise, like=x_t)
     n = x_t.shape[0]
     dtype = compute_dtype(x_t, velocity)
-    sigma = _per_sample_value("sigma", sigma, n, x_t, dtype)
-    sigma_next = _per_sample_value("sigma_next", sigma_next, n, x_t, dtype)
-    noise_level = _per_sample_value("noise_level", noise_level, n, x_t, dtype)
+    (s, sigma), (s_next, sigma_next), (a, noise_level) = (
+        _per_sample_value(name, value, n, x_t, dtype)
+        for name, value in (("sigma", sigma), ("sigma_next", sigma_next), ("noise_level", noise_level))
+    )
     if not torch.compiler.is_compiling():
-        if not bool(((sigma > 0) & (sigma <= 1)).all()):
-            raise ValueError(f"{fn}: sigma must be in (0, 1] (1 = pure noise, 0 = data), got {sigma.tolist()}")
-        if not bool(((sigma_next >= 0) & (sigma_next < sigma)).all()):
+        if not bool(((s > 0) & (s <= 1)).all()):
+            raise ValueError(f"{fn}: sigma must be in (0, 1] (1 = pure noise, 0 = data), got {s.tolist()}")
+        if not bool(((s_next >= 0) & (s_next < s)).all()):
             raise ValueError(
                 f"{fn}: sigma_next must satisfy 0 <= sigma_next < sigma (a step goes toward the data), "
-                f"got sigma={sigma.tolist()}, sigma_next={sigma_next.tolist()}"
+                f"got sigma={s.tolist()}, sigma_next={s_next.tolist()}"
             )
-        if not bool(((noise_level > 0) & torch.isfinite(noise_level)).all()):
-            raise ValueError(f"{fn}: noise_level must be finite and > 0, got {noise_level.tolist()}")
+        if not bool(((a > 0) & torch.isfinite(a)).all()):
+            raise ValueError(f"{fn}: noise_level must be finite and > 0, got {a.tolist()}")
     if prev_sample is None and noise is None:
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=dtype)
     return sde_step_reference(x_t, velocity, sigma, sigma_next, noise_level, kind, noise, prev_sample)
@@ -391,7 +397,11 @@ def flow_grpo_loss(
 
     On CUDA this is one fused Triton kernel that reads x_next, mean (and mean_ref) once and does the
     per-sample math on the device; the backward is one kernel writing d loss / d mean in a single pass.
-    Neither syncs with the host, so the call can be captured in a CUDA graph or traced by torch.compile.
+    Neither syncs with the host, and torch.compile(fullgraph=True) traces through both.
+
+    Several trained timesteps go in one call by stacking them along N (each row brings its own
+    old_log_prob, advantage and step_std): the loss is then the mean over all T * N rows, i.e. 1 / T
+    times the sum of the per-timestep losses that Flow-GRPO accumulates.
 
     Args:
         x_next: (N, ...) the sampled step (sde_step_with_logprob's x_next), any float dtype. Not

@@ -42,7 +42,8 @@ def uniref_step(b, mean):
         return loss, stats["ratio"], mean.grad
     out = kernels.flow_grpo_loss_forward(b["x_next"], mean.detach(), b["mean_ref"], b["old_log_prob"], b["advantages"],
                                          b["step_std"], b["step_std"], CLIP, BETA, True)  # fmt: skip
-    grad = kernels.flow_grpo_loss_backward(torch.ones((), device=mean.device), b["x_next"], mean.detach(), b["mean_ref"], out[5])
+    one = torch.ones((), device=mean.device)
+    grad = kernels.flow_grpo_loss_backward(one, b["x_next"], mean.detach(), b["mean_ref"], out[5])
     return out[0], out[2], grad
 
 
@@ -141,7 +142,8 @@ def main(argv=None):
         for name, ms in times.items():
             gbs = traffic / ms / 1e6
             speedup = "" if name.startswith("uniref") else f"{ms / ours:.1f}x"
-            print(f"| {str(dtype).split('.')[-1]} | {name} | {ms:.4f} | {gbs:.0f} | {copy:.0f} | {gbs / copy:.2f} | {speedup} |")
+            row = [str(dtype).split(".")[-1], name, f"{ms:.4f}", f"{gbs:.0f}", f"{copy:.0f}", f"{gbs / copy:.2f}", speedup]
+            print("| " + " | ".join(row) + " |")
     rewards, ids, weights = (t.to(device) for t in advantage_batch(prompts, group))
     adv_ours = bench_ms(lambda: kernels.group_advantages(rewards, ids, weights, False, False, 1e-4, 5.0))
     adv_ref = bench_ms(lambda: group_advantages_reference(rewards, ids, weights, False, False, 1e-4, 5.0))

@@ -3,11 +3,12 @@
 At training sizes (24 samples x 4096 tokens x 64 channels) the loss is bound by launches and host work,
 not bandwidth (`shared/reference/gpu_anchors.md`), so everything per sample happens on the device:
 
-* `flow_grpo_loss_forward`: ONE kernel. A (split, N) grid of programs each reduces a chunk of one
-  sample (sum of (x_next - mean)^2 and of (mean - mean_ref)^2, fp32 accumulation), writes its two
-  partial sums, and takes a ticket from a global counter; the program holding the last ticket reads all
-  partials in a fixed order (deterministic, no float atomics), does the per-sample scalar math (log-prob,
-  ratio, clipped objective, KL, gradient coefficients) and the mean over samples. No host sync.
+* `flow_grpo_loss_forward`: ONE kernel (plus the 4-byte zero fill of its ticket counter). A (split, N)
+  grid of programs each reduces a chunk of one sample (sum of (x_next - mean)^2 and of
+  (mean - mean_ref)^2, fp32 accumulation), writes its two partial sums and takes a ticket from a global
+  counter; the program holding the last ticket reads all partials in a fixed order (deterministic, no
+  float atomics), does the per-sample scalar math (log-prob, ratio, clipped objective, KL, gradient
+  coefficients) and the mean over samples. No host sync.
 * `flow_grpo_loss_backward`: ONE kernel writing d loss / d mean = g * (c0 (x_next - mean) + c1 (mean -
   mean_ref)) in a single pass, with the per-sample c0, c1 the forward left behind and g read from the
   device (the incoming gradient is never copied to the host).
