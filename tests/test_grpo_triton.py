@@ -179,11 +179,15 @@ def test_loss_kernels_property(n, d, split, block, beta, gaussian, seed):
     check_loss(out, grad, exp, torch.float32, True)
 
 
-def test_loss_grid_default_covers_every_element():
-    """The launch-shape heuristic (used on GPUs) always covers D with chunks that are multiples of block."""
-    for n, d in [(1, 1), (24, 4096 * 64), (3, 1000003), (1000, 17)]:
-        block, chunk, split = kernels._loss_grid(n, d, torch.device("cpu"), 2048, None if n < 1000 else 1)
-        assert chunk % block == 0 and (split - 1) * chunk < d <= split * chunk
+def test_loss_grid_default_covers_every_element(monkeypatch):
+    """The GPU launch-shape heuristic (an H100's 132 SMs here) covers D with chunks that are multiples of
+    the block, the last one possibly partial, and aims at a few programs per SM."""
+    monkeypatch.setattr(kernels, "_num_sms", lambda index: 132)
+    for n, d in [(1, 1), (24, 4096 * 64), (3, 1000003), (1000, 17), (7, 2049)]:
+        block, chunk, split = kernels._loss_grid(n, d, torch.device("cuda", 0), None, None)
+        assert block == 2048 and chunk % block == 0 and (split - 1) * chunk < d <= split * chunk
+        assert n * split <= 4 * 132 or split == 1
+    assert kernels._loss_grid(24, 4096 * 64, torch.device("cuda", 0), None, None) == (2048, 12288, 22)
 
 
 # ---- advantages ----------------------------------------------------------------------------------------
