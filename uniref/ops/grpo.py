@@ -16,7 +16,6 @@ import contextlib
 import functools
 
 import torch
-from torch import Tensor
 
 from uniref.ops import grpo_reference as ref
 
