@@ -73,7 +73,7 @@ def test_advantages_across_two_gloo_ranks(tmp_path):
             for p in context.processes:
                 p.terminate()
             pytest.fail("the 2-rank gloo test did not finish in 120 s (a rank is stuck in a collective?)")
-    results = [torch.load(o) for o in outs]
+    results = [torch.load(o, weights_only=True) for o in outs]
     for r, res in enumerate(results):
         assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
 

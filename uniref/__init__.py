@@ -5,12 +5,16 @@ Public API:
     pack_latents           batch of (target + references) latents -> packed tokens, cu_seqlens, position ids
     unpack_latents         the exact inverse
     concat_joint / split_joint   per-sample [text ; image] joint sequences for MMDiT attention
+    sde_step_with_logprob  Flow-GRPO SDE step with per-sample log-probabilities
+    group_advantages       multi-source group-normalized advantages (across ranks when distributed)
+    flow_grpo_loss         the PPO-clipped Flow-GRPO loss with optional KL (fused Triton kernels on CUDA)
     info                   what was built (CPU/CUDA kernels, archs, optional backends)
 """
 
 __version__ = "0.1.0"
 
 from uniref import ops  # noqa: E402,F401  (loads uniref._C)
+from uniref.grpo import flow_grpo_loss, group_advantages, sde_step_with_logprob  # noqa: E402
 from uniref.info import build_info, info  # noqa: E402
 from uniref.self import (  # noqa: E402
     PackedLatents,
@@ -25,9 +29,12 @@ __all__ = [
     "PackedLatents",
     "build_info",
     "concat_joint",
+    "flow_grpo_loss",
+    "group_advantages",
     "info",
     "pack_latents",
     "plan_reference_sizes",
+    "sde_step_with_logprob",
     "split_joint",
     "unpack_latents",
 ]
