@@ -5,6 +5,7 @@ Public API:
     pack_latents           batch of (target + references) latents -> packed tokens, cu_seqlens, position ids
     unpack_latents         the exact inverse
     concat_joint / split_joint   per-sample [text ; image] joint sequences for MMDiT attention
+    varlen_attention       block-diagonal attention over packed sequences (several backends)
     sde_step_with_logprob  Flow-GRPO SDE step with per-sample log-probabilities
     group_advantages       multi-source group-normalized advantages (across ranks when distributed)
     flow_grpo_loss         the PPO-clipped Flow-GRPO loss with optional KL (fused Triton kernels on CUDA)
@@ -14,6 +15,7 @@ Public API:
 __version__ = "0.1.0"
 
 from uniref import ops  # noqa: E402,F401  (loads uniref._C)
+from uniref.attention import varlen_attention  # noqa: E402
 from uniref.grpo import flow_grpo_loss, group_advantages, sde_step_with_logprob  # noqa: E402
 from uniref.info import build_info, info  # noqa: E402
 from uniref.self import (  # noqa: E402
@@ -37,4 +39,5 @@ __all__ = [
     "sde_step_with_logprob",
     "split_joint",
     "unpack_latents",
+    "varlen_attention",
 ]
