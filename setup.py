@@ -91,9 +91,10 @@ setup(
     packages=find_packages(include=["uniref", "uniref.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.6", "numpy", "pillow", "safetensors"],
+    install_requires=["torch>=2.6", "numpy", "pillow", "safetensors", "diffusers>=0.35"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "diffusers"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers"],
+        "qwen": ["transformers"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["uniref=uniref.cli:main"]},
