@@ -1,0 +1,130 @@
+"""UniRefTransformer2DModel vs diffusers' QwenImageTransformer2DModel (the peer), sample by sample."""
+
+import pytest
+import torch
+
+import uniref
+from uniref.models import UniRefTransformer2DModel
+from uniref.models.transformer import rope_positions
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY = dict(
+    patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+)
+# three samples with 2, 1 and 4 images (target first) of different sizes, and prompts of 5, 9, 3 tokens
+LAYOUTS = [[(6, 4), (4, 4)], [(4, 8)], [(2, 2), (6, 6), (4, 2), (2, 8)]]
+TEXT_LENGTHS = [5, 9, 3]
+
+
+def make_inputs(seed=0, layouts=LAYOUTS, text_lengths=TEXT_LENGTHS):
+    g = torch.Generator().manual_seed(seed)
+    latents = [[torch.randn(4, h, w, generator=g) for h, w in s] for s in layouts]
+    texts = [torch.randn(n, 32, generator=g) for n in text_lengths]
+    t = torch.rand(len(layouts), generator=g)
+    return latents, texts, t
+
+
+def diffusers_per_sample(ref, latents, texts, t):
+    """diffusers' own forward, one sample at a time (batch 1), target rows only."""
+    outs = []
+    for i, sample in enumerate(latents):
+        packed = uniref.pack_latents([sample])
+        shapes = [[(1, x.shape[1] // 2, x.shape[2] // 2) for x in sample]]
+        out = ref(hidden_states=packed.tokens[None], encoder_hidden_states=texts[i][None], timestep=t[i : i + 1],
+                  img_shapes=shapes, return_dict=False)[0][0]
+        outs.append(out[: packed.image_tokens(0)[0]])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("zero_cond_t", [False, True])
+def test_packed_batch_matches_diffusers_per_sample(zero_cond_t):
+    torch.manual_seed(0)
+    ref = diffusers.QwenImageTransformer2DModel(**TINY, zero_cond_t=zero_cond_t).eval()
+    ours = UniRefTransformer2DModel.from_qwenimage(ref, attention_backend="cpu").eval()
+    latents, texts, t = make_inputs()
+    with torch.no_grad():
+        out = ours(uniref.pack_latents(latents), torch.cat(texts), TEXT_LENGTHS, t)
+        expected = diffusers_per_sample(ref, latents, texts, t)
+    assert out.shape == expected.shape == (6 + 8 + 1, 16)  # target tokens only
+    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_diffusers_batch_is_wrong_for_mixed_sizes():
+    """Two samples with equally many tokens but different shapes stack in diffusers, which then
+    computes RoPE from the first sample's shapes only (it warns): the second sample comes out wrong.
+    Packed, each sample gets its own positions."""
+    torch.manual_seed(0)
+    ref = diffusers.QwenImageTransformer2DModel(**TINY).eval()
+    ours = UniRefTransformer2DModel.from_qwenimage(ref, attention_backend="cpu").eval()
+    layouts = [[(2, 16), (4, 4)], [(16, 2), (4, 4)]]
+    latents, texts, t = make_inputs(1, layouts, [6, 6])
+    with torch.no_grad():
+        expected = diffusers_per_sample(ref, latents, texts, t)
+        tokens = torch.stack([uniref.pack_latents([s]).tokens for s in latents])
+        shapes = [[(1, x.shape[1] // 2, x.shape[2] // 2) for x in s] for s in latents]
+        batched = ref(hidden_states=tokens, encoder_hidden_states=torch.stack(texts), timestep=t, img_shapes=shapes,
+                      return_dict=False)[0][:, :8].reshape(16, -1)
+        ours_out = ours(uniref.pack_latents(latents), torch.cat(texts), [6, 6], t)
+    scale = expected.abs().max()
+    assert (batched[:8] - expected[:8]).abs().max() <= 1e-4 * scale  # first sample: right
+    assert (batched[8:] - expected[8:]).abs().max() > 1e-3 * scale  # second sample: wrong positions
+    assert (ours_out - expected).abs().max() <= 1e-4 * scale
+
+
+def test_from_qwenimage_local_folder(tmp_path):
+    ref = diffusers.QwenImageTransformer2DModel(**TINY)
+    ref.save_pretrained(tmp_path)
+    ours = UniRefTransformer2DModel.from_qwenimage(tmp_path)
+    for (name, a), (_, b) in zip(sorted(ours.state_dict().items()), sorted(ref.state_dict().items())):
+        assert torch.equal(a, b), name
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = UniRefTransformer2DModel(**TINY, rope_scheme="corner", zero_cond_t=True)
+    model.save_pretrained(tmp_path)
+    loaded = UniRefTransformer2DModel.from_pretrained(tmp_path)
+    assert loaded.config.rope_scheme == "corner" and loaded.config.zero_cond_t
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert list(tmp_path.glob("*.safetensors"))
+
+
+def test_gradients_reach_every_parameter():
+    model = UniRefTransformer2DModel(**TINY, attention_backend="cpu")
+    latents, texts, t = make_inputs()
+    packed = uniref.pack_latents(latents)
+    out = model(packed, torch.cat(texts), TEXT_LENGTHS, t)
+    out.square().mean().backward()
+    missing = {n for n, p in model.named_parameters() if p.grad is None}
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # Only image tokens leave the model, so the last block's text output path is unused, as in diffusers.
+    last = f"transformer_blocks.{TINY['num_layers'] - 1}."
+    assert missing == {n for n, _ in model.named_parameters() if n.startswith(last + "attn.to_add_out")
+                       or n.startswith(last + "txt_mlp")}
+
+
+def test_rope_positions_msrope():
+    packed = uniref.pack_latents([[torch.zeros(1, 4, 6), torch.zeros(1, 2, 2)]])  # grids 2x3 and 1x1
+    img, txt = rope_positions(packed, [2])
+    # target: rows -1..0, cols -2..0 (centred: row - ceil(h/2)); reference: frame 1, (-1, -1)
+    assert img[:, 0].tolist() == [0] * 6 + [1]
+    assert img[:6, 1].tolist() == [-1, -1, -1, 0, 0, 0]
+    assert img[:6, 2].tolist() == [-2, -1, 0, -2, -1, 0]
+    assert img[6].tolist() == [1, -1, -1]
+    # text after the largest half-extent max(2//2, 3//2) = 1
+    assert txt.tolist() == [[1, 1, 1], [2, 2, 2]]
+
+
+def test_bad_inputs():
+    model = UniRefTransformer2DModel(**TINY)
+    latents, texts, t = make_inputs()
+    packed = uniref.pack_latents(latents)
+    with pytest.raises(ValueError, match="text_lengths"):
+        model(packed, torch.cat(texts), [5, 9], t)
+    with pytest.raises(ValueError, match="timestep must have shape"):
+        model(packed, torch.cat(texts), TEXT_LENGTHS, t[:2])
+    with pytest.raises(ValueError, match="axes_dims_rope"):
+        UniRefTransformer2DModel(**{**TINY, "axes_dims_rope": (4, 4, 4)})
+    with pytest.raises(ValueError, match="rope_scheme"):
+        UniRefTransformer2DModel(**TINY, rope_scheme="spiral")
