@@ -10,6 +10,7 @@ Public API:
     group_advantages       multi-source group-normalized advantages (across ranks when distributed)
     flow_grpo_loss         the PPO-clipped Flow-GRPO loss with optional KL (fused Triton kernels on CUDA)
     info                   what was built (CPU/CUDA kernels, archs, optional backends)
+    UniRefTransformer2DModel   the packed-varlen MMDiT (imported on first use: it needs diffusers)
 """
 
 __version__ = "0.1.0"
@@ -27,8 +28,21 @@ from uniref.self import (  # noqa: E402
     unpack_latents,
 )
 
+# Imported on first use: they pull in diffusers, which `import uniref` should not pay for.
+_LAZY = {"UniRefTransformer2DModel": "uniref.models.transformer"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'uniref' has no attribute {name!r}")
+
+
 __all__ = [
     "PackedLatents",
+    "UniRefTransformer2DModel",
     "build_info",
     "concat_joint",
     "flow_grpo_loss",
