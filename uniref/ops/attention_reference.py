@@ -61,3 +61,17 @@ def attention_flops(q_lens: Sequence[int], k_lens: Sequence[int], heads: int, he
     """Useful forward FLOPs, as ../shared/reference/gpu_anchors.md counts them: 4 * sum(Lq * Lk) * H * D
     (two matmuls); forward + backward is 3.5x that."""
     return 4 * sum(a * b for a, b in zip(q_lens, k_lens)) * heads * head_dim
+
+
+def padded_sdpa_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, softmax_scale: float | None = None
+) -> Tensor:
+    """The padded way, a benchmark peer: pad every sample to the longest, one batched SDPA call with a key
+    mask, unpad. Returns ``out (Tq, H, D)``; differentiable. Samples without keys are not supported
+    (their fully masked rows come out NaN)."""
+    lq, lk = cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist()
+    pad = torch.nn.utils.rnn.pad_sequence
+    qp, kp, vp = (pad(t.split(lengths), batch_first=True).transpose(1, 2) for t, lengths in ((q, lq), (k, lk), (v, lk)))
+    keys = torch.arange(kp.shape[2], device=q.device)[None] < torch.tensor(lk, device=q.device)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=keys[:, None, None], scale=softmax_scale)
+    return torch.cat([out[b, :, :n].transpose(0, 1) for b, n in enumerate(lq)])
