@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -407,8 +408,12 @@ void backward_kernel(const VarlenAttnBwdParams& bp, double softmax_scale) {
   constexpr bool kDirectRows = std::is_same_v<T, Acc>;
   const bool rows_direct = kDirectRows && Dp == D;
   const int64_t tile = D * kBlockQ;
-  std::vector<Acc> qt(H * nqb * tile), dot(H * nqb * tile), lse2(H * nqb * kBlockQ), dvec(H * nqb * kBlockQ);
-  std::vector<Acc> qrows(rows_direct ? 0 : H * nqb * kBlockQ * Dp), dorows(rows_direct ? 0 : H * nqb * kBlockQ * Dp);
+  // Not value-initialized (a serial pass over several MB): the loop below writes every element read later.
+  auto workspace = [](int64_t n) { return std::unique_ptr<Acc[]>(new Acc[n]); };
+  auto qt = workspace(H * nqb * tile), dot = workspace(H * nqb * tile);
+  auto lse2 = workspace(H * nqb * kBlockQ), dvec = workspace(H * nqb * kBlockQ);
+  auto qrows = workspace(rows_direct ? 0 : H * nqb * kBlockQ * Dp);
+  auto dorows = workspace(rows_direct ? 0 : H * nqb * kBlockQ * Dp);
   at::parallel_for(0, H * nqb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / nqb;
@@ -416,15 +421,15 @@ void backward_kernel(const VarlenAttnBwdParams& bp, double softmax_scale) {
       const int64_t qn = blk.end - blk.begin;
       const T* qb = q + blk.begin * p.q_row_stride + h * p.q_head_stride;
       const T* dob = dout + blk.begin * bp.do_row_stride + h * bp.do_head_stride;
-      transpose_block(qb, p.q_row_stride, qn, D, q_mul, qt.data() + item * tile);
-      transpose_block(dob, bp.do_row_stride, qn, D, Acc(1), dot.data() + item * tile);
+      transpose_block(qb, p.q_row_stride, qn, D, q_mul, qt.get() + item * tile);
+      transpose_block(dob, bp.do_row_stride, qn, D, Acc(1), dot.get() + item * tile);
       if (!rows_direct) {
         int64_t ld;
-        rows_as_acc<Acc>(qb, p.q_row_stride, qn, D, Dp, qrows.data() + item * kBlockQ * Dp, ld);
-        rows_as_acc<Acc>(dob, bp.do_row_stride, qn, D, Dp, dorows.data() + item * kBlockQ * Dp, ld);
+        rows_as_acc<Acc>(qb, p.q_row_stride, qn, D, Dp, qrows.get() + item * kBlockQ * Dp, ld);
+        rows_as_acc<Acc>(dob, bp.do_row_stride, qn, D, Dp, dorows.get() + item * kBlockQ * Dp, ld);
       }
-      Acc* l2 = lse2.data() + item * kBlockQ;
-      Acc* dd = dvec.data() + item * kBlockQ;
+      Acc* l2 = lse2.get() + item * kBlockQ;
+      Acc* dd = dvec.get() + item * kBlockQ;
       for (int64_t i = 0; i < kBlockQ; ++i) {
         l2[i] = std::numeric_limits<Acc>::infinity();
         dd[i] = 0;
@@ -482,12 +487,12 @@ void backward_kernel(const VarlenAttnBwdParams& bp, double softmax_scale) {
           const int64_t slot = h * nqb + qg;
           const RowBlock& qblk = qblocks[qg];
           const int64_t qn = qblk.end - qblk.begin;
-          const Acc* l2 = lse2.data() + slot * kBlockQ;
-          const Acc* dd = dvec.data() + slot * kBlockQ;
+          const Acc* l2 = lse2.get() + slot * kBlockQ;
+          const Acc* dd = dvec.get() + slot * kBlockQ;
           // P^T = exp2(K Q^T - lse2)
-          gemm<Acc>(kn, kBlockQ, D, kt, ldk, 1, qt.data() + slot * tile, kBlockQ, s.st.data(), kBlockQ, false);
+          gemm<Acc>(kn, kBlockQ, D, kt, ldk, 1, qt.get() + slot * tile, kBlockQ, s.st.data(), kBlockQ, false);
           // dP^T = V dO^T
-          gemm<Acc>(kn, kBlockQ, D, vt, ldv, 1, dot.data() + slot * tile, kBlockQ, s.dpt.data(), kBlockQ, false);
+          gemm<Acc>(kn, kBlockQ, D, vt, ldv, 1, dot.get() + slot * tile, kBlockQ, s.dpt.data(), kBlockQ, false);
           constexpr int W = kLanes<Acc>;
           for (int64_t j = 0; j < kn; ++j)
             for (int64_t c = 0; c < kBlockQ; c += W) {
@@ -505,8 +510,8 @@ void backward_kernel(const VarlenAttnBwdParams& bp, double softmax_scale) {
             ldq = p.q_row_stride;
             lddo = bp.do_row_stride;
           } else {
-            qr = qrows.data() + slot * kBlockQ * Dp;
-            dor = dorows.data() + slot * kBlockQ * Dp;
+            qr = qrows.get() + slot * kBlockQ * Dp;
+            dor = dorows.get() + slot * kBlockQ * Dp;
             ldq = lddo = Dp;
           }
           // dV += P^T dO, dK += dS^T Q (these key rows belong to this item alone)
