@@ -68,13 +68,15 @@ def test_packed_streams_match_per_sample_default():
     dim = TINY["num_attention_heads"] * TINY["attention_head_dim"]
     txt = [torch.randn(1, n, dim, generator=g) for n in text_lengths]
     img = [torch.randn(1, h * w, dim, generator=g) for h, w in image_shapes]
-    freqs = [model.pos_embed([[(1, h, w)]], max_txt_seq_len=n, device="cpu") for (h, w), n in zip(image_shapes, text_lengths)]
+    freqs = [
+        model.pos_embed([[(1, h, w)]], max_txt_seq_len=n, device="cpu") for (h, w), n in zip(image_shapes, text_lengths)
+    ]
 
     from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
     default = QwenDoubleStreamAttnProcessor2_0()
     with torch.no_grad():
-        expected = [default(attn, hidden_states=i, encoder_hidden_states=t, image_rotary_emb=f) for i, t, f in zip(img, txt, freqs)]
+        expected = [default(attn, i, t, image_rotary_emb=f) for i, t, f in zip(img, txt, freqs)]
         cu = lambda lengths: torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)  # noqa: E731
         packed_freqs = (torch.cat([f[0] for f in freqs]), torch.cat([f[1] for f in freqs]))
         img_out, txt_out = VarlenJointAttnProcessor(backend="cpu")(

@@ -105,7 +105,9 @@ def varlen_attention(
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"varlen_attention: {name} must be a (total, heads, head_dim) tensor, got {got}")
     if k.shape != v.shape:
-        raise ValueError(f"varlen_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"varlen_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if q.shape[1] != k.shape[1]:
         raise ValueError(
             f"varlen_attention: q has {q.shape[1]} heads but k/v have {k.shape[1]} (grouped-query attention is "
@@ -129,7 +131,9 @@ def varlen_attention(
                 "torch.tensor(offsets, dtype=torch.int32)"
             )
         if cu.device != q.device:
-            raise ValueError(f"varlen_attention: {name} is on {cu.device} but q is on {q.device}; move it with .to(q.device)")
+            raise ValueError(
+                f"varlen_attention: {name} is on {cu.device} but q is on {q.device}; move it with .to(q.device)"
+            )
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(
             f"varlen_attention: cu_seqlens_q has {cu_seqlens_q.shape[0]} entries but cu_seqlens_k has "

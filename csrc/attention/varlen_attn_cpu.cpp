@@ -12,20 +12,24 @@
 //   dV += P^T dO,  dK += dS^T Q,  dQ += dS K.
 // dQ rows receive contributions from every key block of their sample; each (head, query block) has a spin
 // lock, and items start their query sweep at different blocks so they rarely wait on one another.
+// A prepass lays out each (head, query block)'s scaled Q^T, dO^T, lse and Dq once for all the key blocks
+// that read them: a workspace of ~2x q's size in fp32 (~4x for fp16/bf16 or a head_dim that is not a
+// multiple of the vector width, which also keep Q and dO rows converted).
 //
 // Zero-length samples: a sample with no keys gives out = 0 and lse = -inf on its query rows (the sum of an
 // empty set of exponentials is 0) and dq = 0; a sample with no queries gives dk = dv = 0.
 //
-// Accumulation is fp32 for fp32/fp16/bf16 inputs and fp64 for fp64 inputs (gradcheck); lse is fp32 always.
+// Accumulation is fp32 for fp32/fp16/bf16 inputs and fp64 for fp64 inputs (gradcheck). lse is fp32 always
+// (the schema's), so fp64 gradients carry its rounding: ~1e-7 relative.
 //
-// Vectorization. Every product is laid out so that the SIMD lanes run over a padded block dimension
-// (queries in S, P, dP, dS, O^T; head_dim rounded up to the vector width in dV, dK, dQ) while the other
-// operand is broadcast one scalar at a time. So all five products are one register-blocked micro-kernel
-// C[MR x NV vectors] += A[MR x K] B[K x NV vectors], and K and V tiles are read in their natural row
-// layout, never transposed. The micro-kernel uses GCC/Clang vector extensions rather than plain loops:
-// the auto-vectorizer keeps such a loop's accumulator array in memory (measured on this project's
-// AVX-512 machine: 12 GFLOP/s per core for the plain loop, 250 with vector types); the width follows the
-// -march the extension is built for.
+// Vectorization. Every product (2 in the forward, 5 in the backward) is laid out so that the SIMD lanes run
+// over a padded block dimension (queries in S, P, dP, dS, O^T; head_dim rounded up to the vector width in
+// dV, dK, dQ) while the other operand is broadcast one scalar at a time. So all of them are one
+// register-blocked micro-kernel, C[MR x NV vectors] += A[MR x K] B[K x NV vectors], and K and V tiles are
+// read in their natural row layout, never transposed. The micro-kernel uses GCC/Clang vector extensions
+// rather than plain loops: the auto-vectorizer keeps such a loop's accumulator array in memory (measured
+// on this project's AVX-512 machine: 12 GFLOP/s per core for the plain loop, 250 with vector types); the
+// width follows the -march the extension is built for (AVX-512, AVX2 or SSE, all tested).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -147,15 +151,19 @@ void gemm_panel(int64_t m, int64_t kc, const Acc* a, int64_t a_rs, int64_t a_cs,
                 int64_t ldc, bool accumulate) {
   constexpr int MR = rows_per_tile<NV>();
   int64_t r = 0;
-  for (; r + MR <= m; r += MR) micro_kernel<Acc, MR, NV>(kc, a + r * a_rs, a_rs, a_cs, b, ldb, c + r * ldc, ldc, accumulate);
+  auto tile = [&](auto rows) {  // rows: std::integral_constant, the micro-tile's row count
+    micro_kernel<Acc, decltype(rows)::value, NV>(kc, a + r * a_rs, a_rs, a_cs, b, ldb, c + r * ldc, ldc, accumulate);
+    r += decltype(rows)::value;
+  };
+  while (r + MR <= m) tile(std::integral_constant<int, MR>{});
   // The remaining < MR rows in tiles of 8, 4, 2, 1 (only those smaller than MR are instantiated).
   if constexpr (MR > 8)
-    if (m - r >= 8) micro_kernel<Acc, 8, NV>(kc, a + r * a_rs, a_rs, a_cs, b, ldb, c + r * ldc, ldc, accumulate), r += 8;
+    if (m - r >= 8) tile(std::integral_constant<int, 8>{});
   if constexpr (MR > 4)
-    if (m - r >= 4) micro_kernel<Acc, 4, NV>(kc, a + r * a_rs, a_rs, a_cs, b, ldb, c + r * ldc, ldc, accumulate), r += 4;
+    if (m - r >= 4) tile(std::integral_constant<int, 4>{});
   if constexpr (MR > 2)
-    if (m - r >= 2) micro_kernel<Acc, 2, NV>(kc, a + r * a_rs, a_rs, a_cs, b, ldb, c + r * ldc, ldc, accumulate), r += 2;
-  if (m - r >= 1) micro_kernel<Acc, 1, NV>(kc, a + r * a_rs, a_rs, a_cs, b, ldb, c + r * ldc, ldc, accumulate);
+    if (m - r >= 2) tile(std::integral_constant<int, 2>{});
+  if (m - r >= 1) tile(std::integral_constant<int, 1>{});
 }
 
 // C (m x n) = or += A (m x kc) B (kc x n); n is a multiple of the vector width (callers pad).
@@ -354,8 +362,10 @@ void forward_kernel(const VarlenAttnParams& p, double softmax_scale) {
           gemm<Acc>(kn, kBlockQ, D, kt, ldk, 1, s.qt.data(), kBlockQ, s.st.data(), kBlockQ, false);
           softmax_tile(s.st.data(), kn, s.m.data(), s.l.data(), s.alpha.data());
           for (int64_t d = 0; d < D; ++d)
-            for (int c = 0; c < kBlockQ / W; ++c)
-              store(s.ot.data() + d * kBlockQ + c * W, load(s.ot.data() + d * kBlockQ + c * W) * load(s.alpha.data() + c * W));
+            for (int c = 0; c < kBlockQ / W; ++c) {
+              Acc* o = s.ot.data() + d * kBlockQ + c * W;
+              store(o, load(o) * load(s.alpha.data() + c * W));
+            }
           // O^T (D x kBlockQ) += V^T P^T
           gemm<Acc>(D, kBlockQ, kn, vt, 1, ldv, s.st.data(), kBlockQ, s.ot.data(), kBlockQ, true);
         }
@@ -519,7 +529,8 @@ void backward_kernel(const VarlenAttnBwdParams& bp, double softmax_scale) {
           gemm<Acc>(kn, Dp, qn, s.dpt.data(), kBlockQ, 1, qr, ldq, s.dk.data(), Dp, true);
           // dQ += dS K (shared with the sample's other key blocks)
           locks[slot].lock();
-          gemm<Acc>(qn, Dp, kn, s.dpt.data(), 1, kBlockQ, kt, ldk, dq_acc + qblk.begin * dq_rs + h * dq_hs, dq_rs, true);
+          Acc* dq_rows = dq_acc + qblk.begin * dq_rs + h * dq_hs;
+          gemm<Acc>(qn, Dp, kn, s.dpt.data(), 1, kBlockQ, kt, ldk, dq_rows, dq_rs, true);
           locks[slot].unlock();
         }
         for (int64_t j = 0; j < kn; ++j) {

@@ -83,9 +83,9 @@ class VarlenJointAttnProcessor:
         def heads(x: Tensor) -> Tensor:
             return x.unflatten(-1, (-1, head_dim))
 
-        img_q, img_k, img_v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        txt_q, txt_k, txt_v = (heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states)),
-                               heads(attn.add_v_proj(encoder_hidden_states)))  # fmt: skip
+        img_q, img_k, img_v = (heads(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        txt = encoder_hidden_states
+        txt_q, txt_k, txt_v = (heads(proj(txt)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
         if attn.norm_q is not None:
             img_q = attn.norm_q(img_q)
         if attn.norm_k is not None:

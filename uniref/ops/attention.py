@@ -128,7 +128,9 @@ def auto_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int) 
     forced = os.environ.get(ENV_BACKEND, "").strip()
     if forced and forced != "auto":
         if forced not in BACKENDS:
-            raise ValueError(f"{ENV_BACKEND}={forced!r} is not a varlen_attention backend; use one of {BACKENDS} or auto")
+            raise ValueError(
+                f"{ENV_BACKEND}={forced!r} is not a varlen_attention backend; use one of {BACKENDS} or auto"
+            )
         return forced
     if torch.device(device).type == "cpu":
         return "cpu"
@@ -190,7 +192,9 @@ def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse):
         if return_lse:  # SDPA does not return it: recompute in fp32 (this backend is the reference, not fast)
             lses.append(torch.logsumexp((qs.float() @ ks.float().transpose(1, 2)) * scale, dim=-1))
     out = torch.cat(outs, dim=1).transpose(0, 1) if outs else q.new_zeros(q.shape)
-    lse = (torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)) if return_lse else None
+    lse = None
+    if return_lse:
+        lse = torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)
     return out, lse
 
 

@@ -51,7 +51,8 @@ def make_varlen_inputs(
     k_lens = list(q_lens) if k_lens is None else list(k_lens)
     g = torch.Generator().manual_seed(seed)
     q, k, v = (
-        torch.randn(sum(n), heads, head_dim, generator=g).to(device=device, dtype=dtype) for n in (q_lens, k_lens, k_lens)
+        torch.randn(sum(n), heads, head_dim, generator=g).to(device=device, dtype=dtype)
+        for n in (q_lens, k_lens, k_lens)
     )
     return (q, k, v, cu_seqlens(q_lens, device), cu_seqlens(k_lens, device), max(q_lens, default=0),
             max(k_lens, default=0))  # fmt: skip
@@ -73,5 +74,6 @@ def padded_sdpa_attention(
     pad = torch.nn.utils.rnn.pad_sequence
     qp, kp, vp = (pad(t.split(lengths), batch_first=True).transpose(1, 2) for t, lengths in ((q, lq), (k, lk), (v, lk)))
     keys = torch.arange(kp.shape[2], device=q.device)[None] < torch.tensor(lk, device=q.device)[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=keys[:, None, None], scale=softmax_scale)
+    mask = keys[:, None, None]  # (B, 1, 1, Lk): every query row sees its sample's real keys
+    out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=softmax_scale)
     return torch.cat([out[b, :, :n].transpose(0, 1) for b, n in enumerate(lq)])
