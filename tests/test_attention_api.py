@@ -158,11 +158,12 @@ class TestErrors:
              "must share one of"),  # fmt: skip
             (dict(cu_seqlens_q=torch.tensor([0, 3, 7])), "cu_seqlens_q must be a 1-D int32 tensor"),
             (dict(cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32)), "both need B\\+1"),
+            (dict(cu_seqlens_q=torch.zeros(3, dtype=torch.int32, device="meta")), "is on meta but q is on cpu"),
             (dict(max_seqlen_q=4.0), "max_seqlen_q must be a non-negative Python int"),
             (dict(softmax_scale=float("inf")), "softmax_scale must be finite"),
         ],
         ids=["heads", "head_dim", "k_v_shapes", "q_2d", "int_dtype", "mixed_dtypes", "cu_int64", "batch_mismatch",
-             "max_float", "scale_inf"],  # fmt: skip
+             "cu_other_device", "max_float", "scale_inf"],  # fmt: skip
     )
     def test_arguments(self, override, match):
         with pytest.raises(ValueError, match=match):
