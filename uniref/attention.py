@@ -85,13 +85,12 @@ def varlen_attention(
         not differentiable on the ``"cpu"`` and ``"cuda"`` backends.
 
     Raises:
-        ValueError: wrong shapes, dtypes or devices, cu_seqlens that are not int32 ``(B + 1,)`` on q's
-            device, an unknown or unavailable backend (the message lists the available ones). Offsets
-            that do not start at 0, decrease, end elsewhere than total, or hold a sample longer than
-            its max_seqlen raise ValueError on ``"sdpa"``/``"flex"`` and RuntimeError from the ops of
-            ``"cpu"`` (checked on the host) and ``"cuda"`` (not checked: reading device values would
-            synchronize; the kernels clamp every row they derive from them); ``"flash_attn"`` does
-            not check them.
+        ValueError: wrong shapes, dtypes or devices; cu_seqlens that are not int32 ``(B + 1,)`` on q's
+            device; an unknown or unavailable backend (the message says why and lists the available ones).
+        ValueError or RuntimeError: offsets that do not start at 0, decrease, end elsewhere than at the
+            row count, or hold a sample longer than its max_seqlen -- ValueError on ``"sdpa"`` and
+            ``"flex"``, RuntimeError from the op on ``"cpu"``. ``"cuda"`` and ``"flash_attn"`` do not
+            read offsets on the host (that would synchronize with the device): check them yourself.
 
     Example::
 

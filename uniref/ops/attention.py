@@ -184,14 +184,14 @@ def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse):
         qs = q[cq[b] : cq[b + 1]].transpose(0, 1)  # (H, Lq, D)
         ks, vs = (t[ck[b] : ck[b + 1]].transpose(0, 1) for t in (k, v))
         if ks.shape[1] == 0:  # softmax over no keys: out 0, lse -inf, as the kernels define it
-            outs.append(torch.zeros_like(qs))
+            outs.append(torch.zeros_like(qs).transpose(0, 1))
             lses.append(qs.new_full(qs.shape[:2], float("-inf"), dtype=torch.float32))
             continue
         # 4-D (1, H, L, D): PyTorch's fused CPU kernel takes only batched inputs (3-D runs the math path).
-        outs.append(F.scaled_dot_product_attention(qs[None], ks[None], vs[None], scale=scale)[0])
+        outs.append(F.scaled_dot_product_attention(qs[None], ks[None], vs[None], scale=scale)[0].transpose(0, 1))
         if return_lse:  # SDPA does not return it: recompute in fp32 (this backend is the reference, not fast)
             lses.append(torch.logsumexp((qs.float() @ ks.float().transpose(1, 2)) * scale, dim=-1))
-    out = torch.cat(outs, dim=1).transpose(0, 1) if outs else q.new_zeros(q.shape)
+    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
     lse = None
     if return_lse:
         lse = torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)
@@ -254,7 +254,7 @@ def _flex(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse):
         return_aux=AuxRequest(lse=True) if return_lse else None,
     )  # fmt: skip
     out, lse = (res[0], res[1].lse[0].float()) if return_lse else (res, None)
-    return out[0].transpose(0, 1), lse
+    return out[0].transpose(0, 1).contiguous(), lse
 
 
 def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse):
