@@ -101,7 +101,9 @@ def test_eval_cli_writes_reports_and_prints_the_table(tmp_path, capsys):
     assert set(report) == {"oracle", "copy_first", f"{src}:copy_first"}
     assert report["oracle"]["edit"]["overall"] == 1.0 and report["oracle"]["edit"]["cases"] == 3
     same = ("cases", "integration", "consistency", "quality", "overall")
-    assert {k: report["copy_first"]["edit"][k] for k in same} == {k: report[f"{src}:copy_first"]["edit"][k] for k in same}
+    assert {k: report["copy_first"]["edit"][k] for k in same} == {
+        k: report[f"{src}:copy_first"]["edit"][k] for k in same
+    }
     suite_json = json.loads((out / "oracle" / "compose-4-6.json").read_text())
     assert suite_json["cases"] == 3 and len(suite_json["per_case"]) == 3 and "K=4" in suite_json["by_group"]
     assert (out / "oracle" / "compose-4-6.png").is_file() and (out / "copy_first" / "edit.png").is_file()
@@ -128,7 +130,9 @@ def test_eval_cli_refuses_models_it_cannot_run(tmp_path, capsys, model, words):
 def test_eval_subcommand_plugs_into_a_parent_cli(tmp_path):
     parser = argparse.ArgumentParser(prog="uniref")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", "--model", "blank", "--suite", "edit", "--limit", "2", "--out", str(tmp_path)])
+    args = parser.parse_args(
+        ["eval", "--model", "blank", "--suite", "edit", "--limit", "2", "--out", str(tmp_path)]
+    )
     assert args.func(args) == 0 and (tmp_path / "blank" / "edit.json").is_file()
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--model", "blank", "--suite", "nope"])
@@ -136,8 +140,8 @@ def test_eval_subcommand_plugs_into_a_parent_cli(tmp_path):
 
 def test_eval_runs_as_a_module(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "uniref.synthetic.eval", "--model", "oracle", "--suite", "compose-2-3", "--limit", "2",
-         "--out", str(tmp_path)],
+        [sys.executable, "-m", "uniref.synthetic.eval", "--model", "oracle", "--suite", "compose-2-3",
+         "--limit", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, cwd=REPO, timeout=120,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
     )  # fmt: skip

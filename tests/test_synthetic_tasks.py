@@ -112,7 +112,12 @@ def test_single_image_edits_change_only_what_they_say():
     for seed in range(15):
         t = sample_task(seed, "recolor")
         src, dst = t.spec.references[0].objects[0], t.spec.target.objects[0]
-        assert (src.shape, src.x, src.y, src.size) == (dst.shape, dst.x, dst.y, dst.size) and src.colour != dst.colour
+        assert (src.shape, src.x, src.y, src.size) == (
+            dst.shape,
+            dst.x,
+            dst.y,
+            dst.size,
+        ) and src.colour != dst.colour
         assert f"the {src.colour} {src.shape}" in t.prompt and dst.colour in t.prompt
         changed = _diff_mask(t.images[0], t.target)
         assert changed.any() and not (changed & ~_box(src)).any()
@@ -124,7 +129,10 @@ def test_single_image_edits_change_only_what_they_say():
 
         t = sample_task(seed, "move")
         old, new = t.spec.vacated[0], t.spec.target.objects[0]
-        assert (old.shape, old.colour, old.size) == (new.shape, new.colour, new.size) and (old.x, old.y) != (new.x, new.y)
+        assert (old.shape, old.colour, old.size) == (new.shape, new.colour, new.size) and (old.x, old.y) != (
+            new.x,
+            new.y,
+        )
         assert not (_diff_mask(t.images[0], t.target) & ~(_box(old) | _box(new))).any()
 
         t = sample_task(seed, "add")
@@ -180,7 +188,11 @@ def test_split_tasks_are_disjoint_by_construction(kind):
                 # a training task shows no held-out combination of its family anywhere
                 for scene in (*spec.references, spec.target):
                     assert all(split_of(o.shape, o.colour, kind) == "train" for o in scene.objects)
-    assert not (seen["train"] & seen["val"]) and not (seen["train"] & seen["test"]) and not (seen["val"] & seen["test"])
+    assert (
+        not (seen["train"] & seen["val"])
+        and not (seen["train"] & seen["test"])
+        and not (seen["val"] & seen["test"])
+    )
 
 
 # --- errors ---------------------------------------------------------------------------------------------
@@ -227,7 +239,9 @@ def test_dataset_items_and_determinism():
 
 
 def test_dataset_mixing_ratio_and_kinds():
-    kinds = collections.Counter(SyntheticEditDataset("val", length=400, compose_ratio=0.25)[i]["kind"] for i in range(400))
+    kinds = collections.Counter(
+        SyntheticEditDataset("val", length=400, compose_ratio=0.25)[i]["kind"] for i in range(400)
+    )
     assert 70 <= kinds["compose"] <= 130 and all(kinds[k] > 30 for k in EDIT_KINDS)
     only = SyntheticEditDataset("train", length=30, compose_ratio=0.0, edit_kinds=["move"])
     assert {only[i]["kind"] for i in range(30)} == {"move"}

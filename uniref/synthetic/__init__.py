@@ -1,10 +1,11 @@
-"""The synthetic multi-reference world: procedural tasks with exact answers, rewards and benchmark.
+"""The synthetic multi-reference world: procedural tasks with exact answers, rewards and a benchmark.
 
-    sample_task(seed, kind, num_refs, size=64, split="train") -> Task(images, prompt, target, spec)
-    SyntheticEditDataset(split, ...)    deterministic torch Dataset (+ collate_samples for DataLoader)
-    score(task, image) -> dict          integration, consistency, quality, overall in [0, 1]
-    score_batch(tasks, images) -> (N, 3) float32 tensor of the three rewards; combine() -> overall
-    SUITES, suite_tasks(name), evaluate(...)   the fixed held-out benchmark behind `uniref eval`
+Public API:
+    sample_task            (seed, kind, num_refs, size=64, split="train") -> Task(images, prompt, target, spec)
+    SyntheticEditDataset   deterministic torch Dataset of tasks (collate_samples for a DataLoader)
+    score                  (task, image) -> {integration, consistency, quality, overall}, each in [0, 1]
+    score_batch, combine   (tasks, images) -> (N, 3) float32 rewards for RL; (N, 3) -> (N,) overall
+    SUITES, suite_tasks, evaluate, BASELINES   the fixed held-out benchmark behind `uniref eval`
 """
 
 from uniref.synthetic.bench import BASELINES, SUITES, evaluate, suite_tasks

@@ -185,7 +185,9 @@ def _means(rows: list[dict]) -> dict[str, float]:
     return {k: (float(np.mean([r[k] for r in rows])) if rows else math.nan) for k in SCORE_NAMES}
 
 
-def evaluate(model, suite: str, limit: int | None = None, batch_size: int = 1, name: str | None = None) -> SuiteResult:
+def evaluate(
+    model, suite: str, limit: int | None = None, batch_size: int = 1, name: str | None = None
+) -> SuiteResult:
     """Runs `model` over a suite and scores every case.
 
     Args:
@@ -271,12 +273,12 @@ def write_suite_report(result: SuiteResult, out_dir: str | os.PathLike, grid_row
 
 def format_table(results: list[SuiteResult]) -> str:
     """A plain-text table: one row per (model, suite); columns the three sources, overall and cases."""
-    head = f"{'model':<14} {'suite':<12} {'integration':>11} {'consistency':>11} {'quality':>8} {'overall':>8} {'cases':>6}"
+    mw = max([len("model")] + [len(r.model) for r in results])
+    sw = max([len("suite")] + [len(r.suite) for r in results])
+    cols = [("integration", 11), ("consistency", 11), ("quality", 8), ("overall", 8)]
+    head = f"{'model':<{mw}}  {'suite':<{sw}} " + " ".join(f"{c:>{w}}" for c, w in cols) + f" {'cases':>6}"
     lines = [head, "-" * len(head)]
     for r in results:
-        m = r.mean
-        lines.append(
-            f"{r.model:<14} {r.suite:<12} {m['integration']:>11.3f} {m['consistency']:>11.3f} "
-            f"{m['quality']:>8.3f} {m['overall']:>8.3f} {len(r.cases):>6d}"
-        )
+        nums = " ".join(f"{r.mean[c]:>{w}.3f}" for c, w in cols)
+        lines.append(f"{r.model:<{mw}}  {r.suite:<{sw}} {nums} {len(r.cases):>6d}")
     return "\n".join(lines)

@@ -124,7 +124,12 @@ def run_eval(args: argparse.Namespace) -> int:
             if any(r.fixes.values()):
                 print(f"note: {spec} on {suite}: outputs fixed up {r.fixes}", file=sys.stderr)
             results.append(r)
-            summary.setdefault(spec, {})[suite] = {"cases": len(r.cases), **r.mean, "json": str(js), "grid": str(png)}
+            summary.setdefault(spec, {})[suite] = {
+                "cases": len(r.cases),
+                **r.mean,
+                "json": str(js),
+                "grid": str(png),
+            }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_table(results))

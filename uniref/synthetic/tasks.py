@@ -338,8 +338,12 @@ def _compose_task(rng: random.Random, num_refs: int, split: str, size: int):
     placed_objs = tuple(_at(sh, co, s, c) for (sh, co), s, c in zip(keyed, sizes, centres))
     target = Scene(size, size, base.background, placed_objs)
     names = [f"the {co} {sh} from image {k + 2}" for k, (sh, co) in enumerate(keyed)]
-    layout = "in the center" if n == 1 else "from left to right" if n <= 3 else (
-        "in two rows, left to right, top row first"
+    layout = (
+        "in the center"
+        if n == 1
+        else "from left to right"
+        if n <= 3
+        else ("in two rows, left to right, top row first")
     )
     return refs, target, tuple(range(n)), keyed, {"objs": _join(names), "layout": layout}
 

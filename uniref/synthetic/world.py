@@ -83,11 +83,6 @@ class Obj:
     y: int
 
     @property
-    def centre(self) -> tuple[float, float]:
-        """(x, y) of the bounding box centre, in pixels."""
-        return (self.x + self.size / 2.0, self.y + self.size / 2.0)
-
-    @property
     def name(self) -> str:
         """How instructions refer to it, e.g. ``"red circle"``."""
         return f"{self.colour} {self.shape}"
