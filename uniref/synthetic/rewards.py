@@ -180,7 +180,7 @@ class _Reference:
         )
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=128)  # ~120 KB each at 64 px; RL scores a group of rollouts against one task
 def _reference(spec: TaskSpec) -> _Reference:
     return _Reference(spec)
 

@@ -121,8 +121,9 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
     """The boolean ``(size, size)`` mask of `shape` filling its bounding box (read-only, cached).
 
     Pixel centres are sampled on [-1, 1]^2: circle and ring are inscribed discs (the ring's hole has 45%
-    of the radius), the triangle points up with its base on the bottom edge, the diamond touches the
-    four edge midpoints, and the cross has arms one third of the side thick.
+    of the radius), the triangle points up with its base on the bottom edge, the bar is the middle half
+    of the box's height, and the cross has arms one third of the side thick. (No diamond: blurred at
+    12 px a cross becomes one, and the rewards could no longer tell them apart.)
     """
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
