@@ -28,9 +28,9 @@ The axes, each in [0, 1]:
     consistency: the mean fidelity of each placed object (for a background change: of every object);
         single-image edits other than background changes add one item, the fraction of pixels outside
         the edited boxes (`uniref.synthetic.tasks.edit_region`) that agree, i.e. untouched content kept.
-    quality: (fraction of target background pixels -- off the objects' boxes -- that agree) x (1 - excess
-        high-frequency energy / 40), the energy being the mean |Y - 3x3 mean of Y| beyond the target's own,
-        so noise and artifacts cost even where colours are right on average.
+    quality: on the target's background pixels (off the objects' boxes): (fraction that agree) x (1 -
+        excess high-frequency energy / 40), the energy being the mean |Y - 3x3 mean of Y| there beyond the
+        target's own, so noise and artifacts cost even where colours are right on average.
     overall = integration * (consistency + quality) / 2: an output that ignores the instruction earns
         nothing however clean it is; one that follows it earns by how faithful and clean it is.
 """
@@ -129,9 +129,9 @@ def _box3(x: np.ndarray) -> np.ndarray:
     return sum(_shifts(x)) / 9.0
 
 
-def _high_freq(x: np.ndarray) -> float:
-    """Mean Euclidean distance of a pixel from its 3x3 mean: flat images ~0, uniform noise ~110."""
-    return float(np.sqrt(((x - _box3(x)) ** 2).sum(-1)).mean())
+def _high_freq(x: np.ndarray, x_smooth: np.ndarray, where: np.ndarray) -> float:
+    """Mean Euclidean distance of x's pixels (where `where`) from their 3x3 mean: flat ~0, noise ~110."""
+    return float(np.sqrt(((x - x_smooth) ** 2).sum(-1))[where].mean())
 
 
 def _agree(y_smooth: np.ndarray, ref) -> np.ndarray:
@@ -152,13 +152,13 @@ class _Reference:
         hi, lo = np.maximum.reduce(_shifts(hi)), np.minimum.reduce(_shifts(lo))  # 5x5: blur spreads 2 px
         contrast = np.sqrt(((hi - lo) ** 2).sum(-1))
         self.tolerance_sq = (_AGREE_BASE + _AGREE_CONTRAST * contrast) ** 2
-        self.high_freq = _high_freq(t)
-
+        # 2 px around each object's box: far enough that no 3x3 mean of a background pixel sees it
         pad = px(2, size)
         off_objects = np.ones((size, size), bool)
         for o in target.objects:
             off_objects[max(0, o.y - pad) : o.y + o.size + pad, max(0, o.x - pad) : o.x + o.size + pad] = False
         self.background_pixels = off_objects
+        self.high_freq = _high_freq(t, self.t_smooth, off_objects)
 
         self.untouched = None
         if spec.kind not in ("compose", "background"):
@@ -331,7 +331,8 @@ def _scores(specs: Sequence[TaskSpec], outputs: Sequence[np.ndarray]) -> np.ndar
         gone = evidence[
             first[n] + len(ref.fidelity_checks) : first[n] + len(ref.fidelity_checks) + len(ref.vacated)
         ]
-        agree = _agree(_box3(y), ref)
+        y_smooth = _box3(y)
+        agree = _agree(y_smooth, ref)
         background_agree = float(agree[ref.background_pixels].mean())
         # Placed objects are exactly the fidelity checks, except in background changes (none placed).
         checks = [] if ref.spec.new_background else [float(present) for present, _ in ev]
@@ -341,7 +342,7 @@ def _scores(specs: Sequence[TaskSpec], outputs: Sequence[np.ndarray]) -> np.ndar
         items_c = [fidelity for _, fidelity in ev]
         if ref.untouched is not None:
             items_c.append(float(agree[ref.untouched].mean()))
-        excess = max(0.0, _high_freq(y) - ref.high_freq)
+        excess = max(0.0, _high_freq(y, y_smooth, ref.background_pixels) - ref.high_freq)
         quality = background_agree * max(0.0, 1.0 - excess / _HF_SCALE)
         result[n] = (np.mean(checks), np.mean(items_c), quality)
     return result
