@@ -44,6 +44,7 @@ __all__ = [
     "Task",
     "TaskSpec",
     "collate_samples",
+    "compose_layout",
     "edit_region",
     "sample_task",
     "split_combinations",
@@ -226,7 +227,8 @@ def _context(rng: random.Random, family: str, n: int, exclude: set[tuple[str, st
 
 
 def _edit_task(rng: random.Random, kind: str, split: str, size: int):
-    """Returns (source scene, target scene, placed, vacated, keyed, fields for the prompt)."""
+    """A single-image edit of a scene with 1-3 objects on the 3x3 slots. Returns (source scene, target
+    scene, placed, vacated, keyed, whether the background changes, fields for the prompt)."""
     slots = _slot_centres(size)
     keyed_pool = _COMBOS[(split, kind)]
     bg = _random_background(rng)
@@ -314,6 +316,9 @@ def _place_free(rng: random.Random, h: int, w: int, s: int, taken: list[Obj], ga
 
 
 def _compose_task(rng: random.Random, num_refs: int, split: str, size: int):
+    """Image 1: a background at the target's size; images 2..K: one named object each, at its own size
+    and place, among up to two distractors, on another background, in an image of another shape.
+    Returns (reference scenes, target scene, placed, keyed, fields for the prompt)."""
     n = num_refs - 1
     keyed = [rng.choice(_COMBOS[(split, "compose")]) for _ in range(n)]
     base = Scene(size, size, _random_background(rng))
@@ -330,21 +335,18 @@ def _compose_task(rng: random.Random, num_refs: int, split: str, size: int):
             spot = _place_free(rng, h, w, ds, objs, gap, margin)
             if spot is not None:
                 objs.append(Obj(dshape, dcolour, ds, *spot))
-        # The named object is not always drawn first, so its place in the list tells nothing.
-        rng.shuffle(objs)
         refs.append(Scene(h, w, _random_background(rng), tuple(objs)))
         sizes.append(s)
     centres = compose_layout(n, size)
     placed_objs = tuple(_at(sh, co, s, c) for (sh, co), s, c in zip(keyed, sizes, centres))
     target = Scene(size, size, base.background, placed_objs)
     names = [f"the {co} {sh} from image {k + 2}" for k, (sh, co) in enumerate(keyed)]
-    layout = (
-        "in the center"
-        if n == 1
-        else "from left to right"
-        if n <= 3
-        else ("in two rows, left to right, top row first")
-    )
+    if n == 1:
+        layout = "in the center"
+    elif n <= 3:
+        layout = "from left to right"
+    else:
+        layout = "in two rows, left to right, top row first"
     return refs, target, tuple(range(n)), keyed, {"objs": _join(names), "layout": layout}
 
 
