@@ -2,6 +2,10 @@
 
 import collections
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +277,24 @@ def test_dataset_feeds_the_reference_planner_and_a_dataloader():
 def test_dataset_rejects_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words):
         SyntheticEditDataset(**kwargs)
+
+
+def test_bytes_do_not_depend_on_the_process():
+    """Seeding hashes a string with sha512 (not Python's salted hash), so other processes agree."""
+    code = (
+        "import hashlib; from uniref.synthetic import sample_task; h = hashlib.sha256(); "
+        "[h.update(b''.join(i.tobytes() for i in t.images) + t.prompt.encode() + t.target.tobytes()) "
+        "for t in (sample_task(s, k) for s in range(5) for k in ('compose', 'edit'))]; print(h.hexdigest())"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    digests = set()
+    for hash_seed in ("1", "2"):
+        env = {
+            **os.environ,
+            "PYTHONHASHSEED": hash_seed,
+            "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+        }
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
