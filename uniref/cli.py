@@ -1,4 +1,4 @@
-"""The `uniref` command line: `uniref plan` (SELF demo) and `uniref info`."""
+"""The `uniref` command line: `uniref plan` (SELF demo), `uniref eval` (synthetic benchmark), `uniref info`."""
 
 from __future__ import annotations
 
@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="what this install was built with")
     info.set_defaults(func=_cmd_info)
+
+    from uniref.synthetic.eval import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
