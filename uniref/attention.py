@@ -20,13 +20,21 @@ BACKENDS = ("auto", "cpu", "cuda", "flash_attn", "sdpa", "flex")
 ENV_BACKEND = "UNIREF_ATTN_BACKEND"
 
 
-def available_backends(device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[str]:
-    """The backends that can run on `device` with `dtype`, in the order `"auto"` prefers them."""
+# Head dims our CUDA kernel is instantiated for (csrc/attention/varlen_attn_configs.cuh).
+CUDA_HEAD_DIMS = (32, 64, 128)
+
+
+def available_backends(
+    device: torch.device | str, dtype: torch.dtype = torch.float32, head_dim: int | None = None
+) -> list[str]:
+    """The backends that can run on `device` with `dtype` (and `head_dim`, when given), in the order
+    `"auto"` prefers them."""
     device = torch.device(device)
     found = []
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _attention_ops.has_kernel("cuda"):
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and half and head_dim in (None, *CUDA_HEAD_DIMS) and _attention_ops.has_kernel("cuda"):
         found.append("cuda")
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn"):
+    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn"):
         found.append("flash_attn")
     if device.type == "cpu" and _attention_ops.has_kernel("cpu"):
         found.append("cpu")
@@ -34,14 +42,15 @@ def available_backends(device: torch.device | str, dtype: torch.dtype = torch.fl
     return found
 
 
-def choose_backend(device: torch.device | str, dtype: torch.dtype) -> str:
-    """The `"auto"` rule: ``UNIREF_ATTN_BACKEND`` if set; else, on CUDA with fp16/bf16, our CUDA kernel,
-    then flash-attn when installed; on CPU our C++ kernel; otherwise one SDPA call per sample (cuDNN or
-    flash inside PyTorch, the fastest peer measured on an H100 for the shapes of a SELF batch)."""
+def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int | None = None) -> str:
+    """The `"auto"` rule: ``UNIREF_ATTN_BACKEND`` if set; else, on CUDA with fp16/bf16 and a head dim
+    it is built for, our CUDA kernel, then flash-attn when installed; on CPU our C++ kernel; otherwise
+    one SDPA call per sample (cuDNN or flash inside PyTorch, the fastest peer measured on an H100 for
+    the shapes of a SELF batch)."""
     forced = os.environ.get(ENV_BACKEND)
     if forced:
         return forced
-    return available_backends(device, dtype)[0]
+    return available_backends(device, dtype, head_dim)[0]
 
 
 def _check_backend(backend: str, q: Tensor) -> None:
@@ -49,10 +58,11 @@ def _check_backend(backend: str, q: Tensor) -> None:
         raise ValueError(f"varlen_attention: backend must be one of {BACKENDS}, got {backend!r}")
     if backend in ("cpu", "cuda") and q.device.type != backend:
         raise ValueError(f"varlen_attention: backend={backend!r} needs {backend} tensors, got {q.device}")
-    if backend != "auto" and backend not in available_backends(q.device, q.dtype):
+    found = available_backends(q.device, q.dtype, q.shape[-1])
+    if backend != "auto" and backend not in found:
         raise ValueError(
-            f"varlen_attention: backend {backend!r} is not available for {q.dtype} on {q.device}; "
-            f"available: {available_backends(q.device, q.dtype)}"
+            f"varlen_attention: backend {backend!r} is not available for {q.dtype}, head_dim {q.shape[-1]} on "
+            f"{q.device}; available: {found}"
         )
 
 
@@ -104,7 +114,7 @@ def varlen_attention(
         raise ValueError("varlen_attention: cu_seqlens_q and cu_seqlens_k must both have B+1 entries")
     _check_backend(backend, q)
     if backend == "auto":
-        backend = choose_backend(q.device, q.dtype)
+        backend = choose_backend(q.device, q.dtype, q.shape[-1])
         _check_backend(backend, q)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     run = {"cpu": _ours, "cuda": _ours, "sdpa": _sdpa, "flex": _flex, "flash_attn": _flash_attn}[backend]
