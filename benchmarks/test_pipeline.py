@@ -62,8 +62,8 @@ def pipe():
     return pipe
 
 
-@pytest.mark.parametrize("impl", list(MODES))
 @pytest.mark.parametrize("refs", REFS)
+@pytest.mark.parametrize("impl", list(MODES))  # applied first, so the id reads "uniref_global-4" (conftest)
 def test_step_vs_references(benchmark, pipe, refs, impl):
     benchmark.group = f"transformer step, {refs} refs, budget 256^2"
     budget = pipe.config.target_pixels  # 256^2 for the small model
@@ -98,9 +98,10 @@ BATCH_IMPLS = {"uniref_packed": run_packed, "one_by_one": run_one_by_one}
 def test_packed_batch_vs_one_by_one(benchmark, pipe, impl):
     samples, prompts = mixed_samples()
     steps = 2
-    packed = run_packed(pipe, samples, prompts, steps)
-    single = run_one_by_one(pipe, samples, prompts, steps)
-    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(packed, single))
+    if impl == "uniref_packed":  # same results as the peer, checked once
+        packed = run_packed(pipe, samples, prompts, steps)
+        single = run_one_by_one(pipe, samples, prompts, steps)
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(packed, single))
     plans = pipe.plan_sizes(samples, pipe.config.target_pixels, "global", None, None)
     tokens = [(th // 16) * (tw // 16) + sum((h // 16) * (w // 16) for h, w in refs) for (th, tw), refs in plans]
     benchmark.extra_info.update(samples=len(samples), refs=[len(s) for s in samples], image_tokens=tokens,

@@ -70,10 +70,14 @@ def test_each_sample_steps_on_its_own_schedule(pipe):
     """Dynamic shift: mu follows each sample's target token count, as Qwen-Image computes it per call."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
 
+    from uniref.pipelines.edit import calculate_shift as ours
+
     schedulers = pipe.make_schedulers([16, 1024, 8192], 4, "cpu")
     for n, s in zip([16, 1024, 8192], schedulers):
+        mu = calculate_shift(n, 256, 8192, 0.5, 0.9)
+        assert ours(n, 256, 8192, 0.5, 0.9) == mu
         alone = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        alone.set_timesteps(sigmas=np.linspace(1, 0.25, 4), mu=calculate_shift(n, 256, 8192, 0.5, 0.9))
+        alone.set_timesteps(sigmas=np.linspace(1, 0.25, 4), mu=mu)
         assert torch.equal(s.sigmas, alone.sigmas)
     assert not torch.allclose(schedulers[0].sigmas, schedulers[2].sigmas)
     assert len(pipe.scheduler.timesteps) == 1000  # the pipeline's own scheduler is never set: it is only cloned

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import torch
 from PIL import ImageOps
 
 __all__ = ["EditInputError", "MAX_INPUT_PIXELS", "add_edit_parser", "load_image", "run_edit", "write_image_atomic"]
@@ -240,8 +241,6 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load_pipeline(model: str | None, device: str):
-    import torch
-
     from uniref.pipelines.edit import DefaultModelUnavailableError, UniRefEditPipeline
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -292,8 +291,6 @@ def run_edit(args: argparse.Namespace) -> int:
         pipe = _load_pipeline(args.model, args.device)
         budget = pipe.config.target_pixels if args.pixel_budget is None else args.pixel_budget
         _check_budget(pipe, images, budget, args.budget_mode)
-        import torch
-
         pipe.set_progress_bar_config(desc="uniref edit", leave=False)
         try:
             result = pipe(

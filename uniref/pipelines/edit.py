@@ -21,7 +21,6 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
@@ -55,6 +54,19 @@ class UniRefEditPipelineOutput(BaseOutput):
     """
 
     images: list
+
+
+def calculate_shift(
+    image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """Qwen-Image's dynamic shift ``mu``: linear in the target's token count.
+
+    The same function as diffusers' Qwen-Image pipelines; theirs lives in modules that import transformers,
+    which the default (non-Qwen) path of this pipeline does not need.
+    """
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
 
 
 def _is_image(x) -> bool:
