@@ -66,7 +66,8 @@ def calculate_shift(
     which the default (non-Qwen) path of this pipeline does not need.
     """
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * m + base_shift - m * base_seq_len
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
 
 
 def _is_image(x) -> bool:
