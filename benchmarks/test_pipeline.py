@@ -76,7 +76,7 @@ def test_step_vs_references(benchmark, pipe, refs, impl):
     if MODES[impl] == "global":
         assert ref_tokens <= budget // 256
     with torch.no_grad():
-        benchmark.pedantic(pipe.transformer, args=args, rounds=5, iterations=1, warmup_rounds=1)
+        benchmark.pedantic(pipe.transformer, args=args, rounds=9, iterations=1, warmup_rounds=1)
 
 
 def run_packed(pipe, samples, prompts, steps):
