@@ -112,7 +112,7 @@ def test_eval_cli_writes_reports_and_prints_the_table(tmp_path, capsys):
 @pytest.mark.parametrize(
     "model, words",
     [
-        ("DIR", "edit pipeline, which is not available in this version"),
+        ("DIR", "not a loadable UniRef edit pipeline folder"),
         ("definitely_not_a_model", "is not a baseline"),
         ("no_such_module_xyz:fn", "cannot import 'no_such_module_xyz'"),
         ("MOD:NOT_CALLABLE", "has no callable named 'NOT_CALLABLE'"),
@@ -125,6 +125,17 @@ def test_eval_cli_refuses_models_it_cannot_run(tmp_path, capsys, model, words):
     assert main(["--model", model, "--limit", "1", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_runs_a_saved_pipeline_folder(tmp_path, capsys):
+    from uniref.testing import random_edit_pipeline
+
+    random_edit_pipeline("tiny").save_pretrained(tmp_path / "model")
+    assert main(["--model", str(tmp_path / "model"), "--suite", "compose-2-3", "--limit", "2",
+                 "--out", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())[str(tmp_path / "model")]
+    assert report["compose-2-3"]["cases"] == 2
+    assert 0.0 <= report["compose-2-3"]["overall"] <= 1.0
 
 
 def test_eval_subcommand_plugs_into_a_parent_cli(tmp_path):

@@ -10,6 +10,8 @@ and the image stream is rebuilt with `uniref.concat_joint`.
 
 from __future__ import annotations
 
+import importlib.util
+
 import math
 import numbers
 from collections.abc import Sequence
@@ -531,6 +533,8 @@ class UniRefEditPipeline(DiffusionPipeline):
                 )
             pretrained_model_name_or_path = DEFAULT_MODEL_DIR
         kwargs.setdefault("local_files_only", True)
+        # diffusers' low-memory loading needs accelerate; without it, load plainly instead of warning.
+        kwargs.setdefault("low_cpu_mem_usage", importlib.util.find_spec("accelerate") is not None)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod

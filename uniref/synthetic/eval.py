@@ -27,20 +27,41 @@ class ModelSpecError(ValueError):
     """A --model argument that names no usable model."""
 
 
+def _pipeline_model(path: str) -> Callable:
+    """A saved `UniRefEditPipeline` as an eval model: one image per prompt, seed 0."""
+    import torch
+
+    from uniref.pipelines import UniRefEditPipeline
+
+    if not (Path(path) / "model_index.json").is_file():
+        raise ModelSpecError(
+            f"--model {path}: not a loadable UniRef edit pipeline folder (no model_index.json; save one with "
+            "UniRefEditPipeline.save_pretrained)"
+        )
+    try:
+        pipe = UniRefEditPipeline.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelSpecError(f"--model {path}: not a loadable UniRef edit pipeline folder ({exc})") from exc
+
+    def edit(images, prompt, height=None, width=None):
+        out = pipe(images, prompt, height=height, width=width, generator=torch.Generator().manual_seed(0))
+        return out.images[0] if isinstance(prompt, str) else out.images
+
+    edit.__name__ = Path(path).name
+    return edit
+
+
 def resolve_model(spec: str) -> str | Callable:
     """Turns a --model argument into a baseline name or a callable.
 
     Accepted: a `BASELINES` name; ``module:function`` (a dotted module on the path, or a ``.py`` file)
-    naming a callable with the edit pipeline's call signature. A directory (a saved model) needs the
-    edit pipeline, which this version does not have, and is refused with a clear error.
+    naming a callable with the edit pipeline's call signature; or a directory holding a saved
+    `UniRefEditPipeline` (``save_pretrained``), run with a fixed seed.
     """
     if spec in BASELINES:
         return spec
     if Path(spec).is_dir():
-        raise ModelSpecError(
-            f"--model {spec}: loading a model directory needs the UniRef edit pipeline, which is not "
-            f"available in this version; pass a baseline ({', '.join(BASELINES)}) or module:function"
-        )
+        return _pipeline_model(spec)
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ModelSpecError(
