@@ -2,6 +2,7 @@
 error path -- one line on stderr, exit code 2, nothing written -- with real files made in tmp_path."""
 
 import argparse
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -262,3 +263,16 @@ def _assert_one_line_failure(rc, capsys, pattern, out):
     assert len(lines) == 1 and lines[0].startswith("uniref edit: "), err
     assert __import__("re").search(pattern, lines[0]), lines[0]
     assert not out.exists() and not list(out.parent.glob(".out.png.*"))
+
+
+def test_output_gets_ordinary_file_permissions(tmp_path):
+    from PIL import Image
+
+    from uniref.edit_cli import write_image_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "out.png")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o644

@@ -135,6 +135,10 @@ def write_image_atomic(image: PIL.Image.Image, path: str | os.PathLike) -> None:
     fmt = _OUTPUT_FORMATS[path.suffix.lower()]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; give it the permissions a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt)
             f.flush()
