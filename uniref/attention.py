@@ -1,69 +1,30 @@
 """Varlen attention over packed SELF sequences: one flat API, several backends.
 
 Every sample's tokens (text + target + references) attend to each other jointly and never to another
-sample's: attention is block-diagonal over the packed batch, non-causal.
+sample's: attention is block-diagonal over the packed batch, non-causal. The kernels are in
+csrc/attention/; the backends and the ``"auto"`` rule in `uniref.ops.attention`.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
+import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from uniref.ops import attention as _attention_ops
+from uniref.ops.attention import (
+    BACKENDS,
+    CUDA_HEAD_DIMS,
+    ENV_BACKEND,
+    auto_backend,
+    available_backends,
+    run_backend,
+    unavailable_reason,
+)
 
-BACKENDS = ("auto", "cpu", "cuda", "flash_attn", "sdpa", "flex")
-ENV_BACKEND = "UNIREF_ATTN_BACKEND"
+__all__ = ["BACKENDS", "CUDA_HEAD_DIMS", "ENV_BACKEND", "auto_backend", "available_backends", "varlen_attention"]
 
-
-# Head dims our CUDA kernel is instantiated for (csrc/attention/varlen_attn_configs.cuh).
-CUDA_HEAD_DIMS = (32, 64, 128)
-
-
-def available_backends(
-    device: torch.device | str, dtype: torch.dtype = torch.float32, head_dim: int | None = None
-) -> list[str]:
-    """The backends that can run on `device` with `dtype` (and `head_dim`, when given), in the order
-    `"auto"` prefers them."""
-    device = torch.device(device)
-    found = []
-    half = dtype in (torch.float16, torch.bfloat16)
-    if device.type == "cuda" and half and head_dim in (None, *CUDA_HEAD_DIMS) and _attention_ops.has_kernel("cuda"):
-        found.append("cuda")
-    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn"):
-        found.append("flash_attn")
-    if device.type == "cpu" and _attention_ops.has_kernel("cpu"):
-        found.append("cpu")
-    found += ["sdpa", "flex"]
-    return found
-
-
-def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int | None = None) -> str:
-    """The `"auto"` rule: ``UNIREF_ATTN_BACKEND`` if set; else, on CUDA with fp16/bf16 and a head dim
-    it is built for, our CUDA kernel, then flash-attn when installed; on CPU our C++ kernel; otherwise
-    one SDPA call per sample (cuDNN or flash inside PyTorch, the fastest peer measured on an H100 for
-    the shapes of a SELF batch)."""
-    forced = os.environ.get(ENV_BACKEND)
-    if forced:
-        return forced
-    return available_backends(device, dtype, head_dim)[0]
-
-
-def _check_backend(backend: str, q: Tensor) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"varlen_attention: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend in ("cpu", "cuda") and q.device.type != backend:
-        raise ValueError(f"varlen_attention: backend={backend!r} needs {backend} tensors, got {q.device}")
-    found = available_backends(q.device, q.dtype, q.shape[-1])
-    if backend != "auto" and backend not in found:
-        raise ValueError(
-            f"varlen_attention: backend {backend!r} is not available for {q.dtype}, head_dim {q.shape[-1]} on "
-            f"{q.device}; available: {found}"
-        )
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def varlen_attention(
@@ -78,111 +39,125 @@ def varlen_attention(
     backend: str = "auto",
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Block-diagonal (per-sample) attention over packed sequences, as flash-attn's varlen function.
+    """Block-diagonal (per-sample), non-causal attention over packed sequences, as flash-attn's
+    ``flash_attn_varlen_func``.
+
+    For every sample b, with ``Q = q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]`` and ``K``, ``V`` the rows
+    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k and v, and for every head h::
+
+        out[rows of b, h] = softmax(softmax_scale * Q[:, h] @ K[:, h].T) @ V[:, h]
+        lse[h, rows of b] = logsumexp(softmax_scale * Q[:, h] @ K[:, h].T, dim=-1)
 
     Args:
-        q: ``(Tq, H, D)`` queries of all samples, packed without padding.
-        k, v: ``(Tk, H, D)`` keys and values; a sample's query and key lengths may differ.
-        cu_seqlens_q, cu_seqlens_k: int32 ``(B + 1,)`` offsets: sample b owns query rows
-            ``[cu_seqlens_q[b], cu_seqlens_q[b+1])`` and key rows ``[cu_seqlens_k[b], cu_seqlens_k[b+1])``.
-            Zero-length samples are allowed; query rows of a sample without keys get zeros.
-        max_seqlen_q, max_seqlen_k: Python ints, the longest sample of each.
-        softmax_scale: defaults to ``D ** -0.5``.
-        backend: ``"auto"`` (see `choose_backend`; ``UNIREF_ATTN_BACKEND`` overrides it), ``"cpu"`` /
-            ``"cuda"`` (uniref's kernels), ``"flash_attn"`` (if installed), ``"sdpa"`` (one
-            ``scaled_dot_product_attention`` call per sample) or ``"flex"`` (FlexAttention with a
-            document mask).
-        return_lse: also return the float32 log-sum-exp ``(H, Tq)`` of the scaled scores.
+        q: ``(total_q, H, D)`` queries of all samples, packed without padding, sample after sample.
+            float32, float16 or bfloat16 (float64 too, except on the ``"cuda"``, ``"flash_attn"`` and
+            ``"flex"`` backends). The last dimension should be contiguous (else it is made so, a copy);
+            rows and heads may have any stride, e.g. views into a fused qkv projection.
+        k: ``(total_k, H, D)`` keys, packed like q; same dtype, device, H and D as q.
+        v: ``(total_k, H, D)`` values, k's shape.
+        cu_seqlens_q: int32 ``(B + 1,)`` on q's device: sample b owns query rows
+            ``[cu_seqlens_q[b], cu_seqlens_q[b+1])``. Starts at 0, non-decreasing, ends at total_q.
+        cu_seqlens_k: int32 ``(B + 1,)``, the same for key/value rows. A sample's query and key lengths
+            may differ. Zero-length samples are allowed: a sample without queries produces nothing,
+            the query rows of a sample without keys get ``out = 0`` and ``lse = -inf``.
+        max_seqlen_q: Python int >= every sample's query length (the true maximum is best: CUDA
+            kernels size their launch by it).
+        max_seqlen_k: Python int >= every sample's key length.
+        softmax_scale: the factor on q.k before the softmax; ``None`` means ``D ** -0.5``.
+        backend: which implementation runs:
+
+            * ``"auto"`` (default): `auto_backend`'s rule -- ``UNIREF_ATTN_BACKEND`` if set; CPU tensors:
+              ``"cpu"``; CUDA tensors: ``"cuda"`` for fp16/bf16 with a head dim in `CUDA_HEAD_DIMS`,
+              else ``"flash_attn"`` if installed and applicable, else ``"sdpa"``.
+            * ``"cpu"``: uniref's C++ kernel (tiled online softmax, fp32 accumulation, OpenMP).
+            * ``"cuda"``: uniref's CUDA kernel (fp16/bf16).
+            * ``"flash_attn"``: ``flash_attn.flash_attn_varlen_func`` (installed separately, CUDA, fp16/bf16).
+            * ``"sdpa"``: one ``torch.nn.functional.scaled_dot_product_attention`` call per sample.
+            * ``"flex"``: FlexAttention with a document mask, compiled (forward only on CPU).
+
+            `available_backends` lists those that can run given inputs.
+        return_lse: also return the log-sum-exp.
 
     Returns:
-        ``out (Tq, H, D)`` in q's dtype, or ``(out, lse)``. Differentiable in q, k and v.
+        ``out``: ``(total_q, H, D)`` in q's dtype, contiguous, or ``(out, lse)`` with ``lse`` float32
+        ``(H, total_q)``: the natural log of the sum of exp of the *scaled* scores of each query row.
+        ``out`` is differentiable in q, k and v (on every backend but ``"flex"`` on CPU); ``lse`` is
+        not differentiable on the ``"cpu"`` and ``"cuda"`` backends.
+
+    Raises:
+        ValueError: wrong shapes, dtypes or devices, cu_seqlens that are not int32 ``(B + 1,)`` on q's
+            device, an unknown or unavailable backend (the message lists the available ones). Offsets
+            that do not start at 0, decrease, end elsewhere than total, or hold a sample longer than
+            its max_seqlen raise ValueError on ``"sdpa"``/``"flex"`` and RuntimeError from the ops of
+            ``"cpu"`` (checked on the host) and ``"cuda"`` (not checked: reading device values would
+            synchronize; the kernels clamp every row they derive from them); ``"flash_attn"`` does
+            not check them.
+
+    Example::
+
+        >>> lens = [300, 1200]
+        >>> cu = torch.tensor([0, 300, 1500], dtype=torch.int32)
+        >>> q, k, v = (torch.randn(1500, 8, 64) for _ in range(3))
+        >>> out = uniref.varlen_attention(q, k, v, cu, cu, 1200, 1200)   # (1500, 8, 64)
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 3:
-            raise ValueError(f"varlen_attention: {name} must be a (total, heads, head_dim) tensor")
-    if k.shape != v.shape or q.shape[1:] != k.shape[1:]:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"varlen_attention: {name} must be a (total, heads, head_dim) tensor, got {got}")
+    if k.shape != v.shape:
+        raise ValueError(f"varlen_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[1] != k.shape[1]:
         raise ValueError(
-            f"varlen_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share heads and "
-            "head_dim, and k and v must have the same shape"
+            f"varlen_attention: q has {q.shape[1]} heads but k/v have {k.shape[1]} (grouped-query attention is "
+            "not supported; repeat the k/v heads first)"
         )
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"varlen_attention: q has head_dim {q.shape[2]} but k/v have {k.shape[2]}")
+    if q.shape[1] == 0 or q.shape[2] == 0:
+        raise ValueError(f"varlen_attention: heads and head_dim must be positive, got q {tuple(q.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ValueError(
+            f"varlen_attention: q, k, v must share one of {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"varlen_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
-            raise ValueError(f"varlen_attention: {name} must be a 1-D int32 tensor of offsets (B+1,)")
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 1:
+            got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+            raise ValueError(
+                f"varlen_attention: {name} must be a 1-D int32 tensor of B+1 offsets, got {got}; build it with "
+                "torch.tensor(offsets, dtype=torch.int32)"
+            )
         if cu.device != q.device:
-            raise ValueError(f"varlen_attention: {name} is on {cu.device} but q is on {q.device}")
+            raise ValueError(f"varlen_attention: {name} is on {cu.device} but q is on {q.device}; move it with .to(q.device)")
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError("varlen_attention: cu_seqlens_q and cu_seqlens_k must both have B+1 entries")
-    _check_backend(backend, q)
-    if backend == "auto":
-        backend = choose_backend(q.device, q.dtype, q.shape[-1])
-        _check_backend(backend, q)
+        raise ValueError(
+            f"varlen_attention: cu_seqlens_q has {cu_seqlens_q.shape[0]} entries but cu_seqlens_k has "
+            f"{cu_seqlens_k.shape[0]}; both need B+1"
+        )
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)) or n < 0:
+            raise ValueError(f"varlen_attention: {name} must be a non-negative Python int, got {n!r}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    run = {"cpu": _ours, "cuda": _ours, "sdpa": _sdpa, "flex": _flex, "flash_attn": _flash_attn}[backend]
-    out, lse = run(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, return_lse)
+    if not math.isfinite(scale):
+        raise ValueError(f"varlen_attention: softmax_scale must be finite, got {softmax_scale}")
+
+    if backend == "auto":
+        chosen = auto_backend(q.device, q.dtype, q.shape[2])
+    elif backend in BACKENDS:
+        chosen = backend
+    else:
+        raise ValueError(f"varlen_attention: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    reason = unavailable_reason(chosen, q.device, q.dtype, q.shape[2])
+    if reason is not None:
+        # "auto" only ever picks an unavailable backend when the environment forces it.
+        origin = f" ({ENV_BACKEND} is set to it)" if backend == "auto" else ""
+        raise ValueError(
+            f"varlen_attention: backend {chosen!r}{origin} is not available for {q.dtype} head_dim={q.shape[2]} "
+            f"on {q.device}: {reason}; available: {available_backends(q.device, q.dtype, q.shape[2])}"
+        )
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, lse = run_backend(chosen, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
+                           return_lse)  # fmt: skip
     return (out, lse) if return_lse else out
 
-
-def _ours(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse):
-    return torch.ops.uniref.varlen_attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale)
-
-
-def _host_offsets(cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> tuple[list[int], list[int]]:
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    for name, c, total, longest in (("cu_seqlens_q", cq, None, max_q), ("cu_seqlens_k", ck, None, max_k)):
-        if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])):
-            raise ValueError(f"varlen_attention: {name} must start at 0 and be non-decreasing, got {c}")
-        if any(b - a > longest for a, b in zip(c, c[1:])):
-            raise ValueError(f"varlen_attention: a sample in {name} is longer than its max_seqlen={longest}")
-    return cq, ck
-
-
-def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse):
-    cq, ck = _host_offsets(cu_q, cu_k, max_q, max_k)
-    if cq[-1] != q.shape[0] or ck[-1] != k.shape[0]:
-        raise ValueError("varlen_attention: the last offsets must equal the number of rows of q and k")
-    outs, lses = [], []
-    for b in range(len(cq) - 1):
-        qs, ks, vs = (t[s0:s1].transpose(0, 1) for t, (s0, s1) in ((q, cq[b : b + 2]), (k, ck[b : b + 2]), (v, ck[b : b + 2])))
-        if ks.shape[1] == 0:
-            outs.append(torch.zeros_like(qs).transpose(0, 1))
-            lses.append(qs.new_full((qs.shape[0], qs.shape[1]), float("-inf"), dtype=torch.float32))
-            continue
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1))
-        if return_lse:
-            scores = (qs.float() @ ks.float().transpose(1, 2)) * scale
-            lses.append(torch.logsumexp(scores, dim=-1))
-    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
-    lse = torch.cat(lses, dim=1) if return_lse and lses else None
-    return out, lse
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def _flex(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse):
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
-
-    doc_q = torch.searchsorted(cu_q[1:], torch.arange(q.shape[0], device=q.device, dtype=torch.int32), right=True)
-    doc_k = torch.searchsorted(cu_k[1:], torch.arange(k.shape[0], device=k.device, dtype=torch.int32), right=True)
-
-    def same_sample(b, h, q_idx, kv_idx):
-        return doc_q[q_idx] == doc_k[kv_idx]
-
-    mask = create_block_mask(same_sample, None, None, q.shape[0], k.shape[0], device=q.device)
-    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
-    aux = AuxRequest(lse=True) if return_lse else None
-    res = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=mask,
-             scale=scale, return_aux=aux)
-    out, lse = (res[0], res[1].lse) if return_lse else (res, None)
-    return out[0].transpose(0, 1), (lse[0].float() if lse is not None else None)
-
-
-def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse):
-    from flash_attn import flash_attn_varlen_func
-
-    res = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, return_attn_probs=return_lse)
-    return (res[0], res[1]) if return_lse else (res, None)

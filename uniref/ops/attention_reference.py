@@ -1,6 +1,8 @@
-"""Plain-torch reference of varlen attention, shared by the tests and the benchmarks."""
+"""Plain-torch reference of varlen attention and the packed inputs, shared by the tests and the benchmarks."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -10,23 +12,66 @@ def varlen_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, softmax_scale: float | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Tensor]:
-    """softmax(q k^T * scale) v per sample, computed in `dtype` (float64 by default).
+    """softmax(q k^T * scale) v per sample, with plain matmuls computed in `dtype` (float64 by default).
 
     Returns ``(out (Tq, H, D) in q's dtype, lse (H, Tq) float32)``; rows of a sample without keys get
-    ``out = 0`` and ``lse = -inf``.
+    ``out = 0`` and ``lse = -inf``. Differentiable in q, k, v by autograd.
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=dtype, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
     for b in range(len(cq) - 1):
-        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
-        if q1 == q0 or k1 == k0:
+        qs = q[cq[b] : cq[b + 1]].to(dtype).transpose(0, 1)  # (H, Lq, D)
+        ks, vs = (t[ck[b] : ck[b + 1]].to(dtype).transpose(0, 1) for t in (k, v))
+        if ks.shape[1] == 0:
+            outs.append(qs * 0)  # zeros that keep q in the graph: its gradient is 0, not missing
+            lses.append(torch.full(qs.shape[:2], float("-inf"), dtype=dtype, device=q.device))
             continue
-        qs = q[q0:q1].to(dtype).transpose(0, 1)  # (H, Lq, D)
-        ks = k[k0:k1].to(dtype).transpose(0, 1)
-        vs = v[k0:k1].to(dtype).transpose(0, 1)
         scores = qs @ ks.transpose(1, 2) * scale
-        lse[:, q0:q1] = torch.logsumexp(scores, dim=-1)
-        out[q0:q1] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1)
-    return out.to(q.dtype), lse.float()
+        lses.append(torch.logsumexp(scores, dim=-1))
+        outs.append(torch.softmax(scores, dim=-1) @ vs)
+    if not outs:  # B = 0
+        return q.new_zeros(q.shape), torch.zeros((q.shape[1], 0), device=q.device)
+    out = torch.cat(outs, dim=1).transpose(0, 1)
+    return out.to(q.dtype), torch.cat(lses, dim=1).float()
+
+
+def cu_seqlens(lengths: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+    """int32 offsets ``(B + 1,)`` of samples of these lengths."""
+    return torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+
+
+def make_varlen_inputs(
+    q_lens: Sequence[int], k_lens: Sequence[int] | None = None, heads: int = 8, head_dim: int = 64,
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int, int]:
+    """Random packed ``(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)``; k_lens
+    defaults to q_lens (self-attention). Values are drawn in float32 on the CPU, then cast and moved,
+    so every dtype and device sees the same numbers."""
+    k_lens = list(q_lens) if k_lens is None else list(k_lens)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (
+        torch.randn(sum(n), heads, head_dim, generator=g).to(device=device, dtype=dtype) for n in (q_lens, k_lens, k_lens)
+    )
+    return (q, k, v, cu_seqlens(q_lens, device), cu_seqlens(k_lens, device), max(q_lens, default=0),
+            max(k_lens, default=0))  # fmt: skip
+
+
+def attention_flops(q_lens: Sequence[int], k_lens: Sequence[int], heads: int, head_dim: int) -> int:
+    """Useful forward FLOPs, as ../shared/reference/gpu_anchors.md counts them: 4 * sum(Lq * Lk) * H * D
+    (two matmuls); forward + backward is 3.5x that."""
+    return 4 * sum(a * b for a, b in zip(q_lens, k_lens)) * heads * head_dim
+
+
+def padded_sdpa_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, softmax_scale: float | None = None
+) -> Tensor:
+    """The padded way, a benchmark peer: pad every sample to the longest, one batched SDPA call with a key
+    mask, unpad. Returns ``out (Tq, H, D)``; differentiable. Samples without keys are not supported
+    (their fully masked rows come out NaN)."""
+    lq, lk = cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist()
+    pad = torch.nn.utils.rnn.pad_sequence
+    qp, kp, vp = (pad(t.split(lengths), batch_first=True).transpose(1, 2) for t, lengths in ((q, lq), (k, lk), (v, lk)))
+    keys = torch.arange(kp.shape[2], device=q.device)[None] < torch.tensor(lk, device=q.device)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=keys[:, None, None], scale=softmax_scale)
+    return torch.cat([out[b, :, :n].transpose(0, 1) for b, n in enumerate(lq)])

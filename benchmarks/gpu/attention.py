@@ -1,0 +1,194 @@
+"""GPU check of varlen attention: correctness on the card, then forward and forward + backward TFLOP/s of
+our CUDA kernel and every peer present, for the packed SELF batches of ../shared/reference/gpu_anchors.md
+(bf16, 24 heads x 128): B1024 = 4 samples of 8448 / 6344 / 7468 / 6580 tokens, B2048 = 20736 / 13532.
+Usage: python benchmarks/gpu/attention.py [--smoke]
+
+Correctness, before any timing, per backend that runs here:
+* the batch scaled down 8x, forward and backward against the float64 per-sample reference, judged as
+  flash-attention judges: max error at most 2x (forward) / 3x (backward) that of per-sample SDPA in bf16;
+* the full batch, forward, on 64 query rows of every sample (a full float64 reference would not fit).
+Timing: median of triton.testing.do_bench; TFLOP/s count useful work only, 4 * sum(L^2) * H * D forward
+and 3.5x that forward + backward, as the anchors do. Methods: ours (backend "cuda"), backend "auto",
+per-sample SDPA, padded SDPA + key mask, torch.nn.attention.varlen.varlen_attn, FlexAttention compiled
+(document mask) and flash-attn when installed.
+
+--smoke runs the same code at tiny shapes on the device at hand (CPU here: our C++ kernel stands in for
+"ours"), so the script stays runnable between GPU sessions (tests/test_gpu_scripts.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
+
+import uniref  # noqa: E402
+from common import bench_ms, card_header  # noqa: E402
+from uniref.attention import auto_backend, available_backends  # noqa: E402
+from uniref.ops.attention import unavailable_reason  # noqa: E402
+from uniref.ops.attention_reference import (  # noqa: E402
+    attention_flops,
+    make_varlen_inputs,
+    padded_sdpa_attention,
+    varlen_attention_reference,
+)
+
+ON_CUDA = torch.cuda.is_available()
+BATCHES = {"B1024": (8448, 6344, 7468, 6580), "B2048": (20736, 13532)}
+HEADS, HEAD_DIM, DTYPE = 24, 128, torch.bfloat16
+OURS = "cuda" if ON_CUDA else "cpu"
+
+
+def backend_method(backend):
+    def run(q, k, v, cq, ck, mq, mk):
+        return uniref.varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend)
+
+    device = "cuda" if ON_CUDA else "cpu"
+    resolved = auto_backend(device, DTYPE, HEAD_DIM) if backend == "auto" else backend
+    return run, unavailable_reason(resolved, device, DTYPE, HEAD_DIM)
+
+
+def torch_varlen_method():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as exc:
+        return None, f"torch {torch.__version__} has no varlen_attn ({exc})"
+
+    def run(q, k, v, cq, ck, mq, mk):
+        return varlen_attn(q, k, v, cq, ck, mq, mk)
+
+    return run, None if ON_CUDA else "varlen_attn runs on CUDA only"
+
+
+def padded_method():
+    return (lambda q, k, v, cq, ck, mq, mk: padded_sdpa_attention(q, k, v, cq, ck)), None
+
+
+def methods() -> dict:
+    """name -> (fn(q, k, v, cq, ck, mq, mk) -> out, reason it cannot run here or None)."""
+    return {
+        f"uniref ({OURS})": backend_method(OURS),
+        f"uniref auto (= {auto_backend('cuda' if ON_CUDA else 'cpu', DTYPE, HEAD_DIM)})": backend_method("auto"),
+        "SDPA per sample": backend_method("sdpa"),
+        "SDPA padded + key mask": padded_method(),
+        "torch varlen_attn": torch_varlen_method(),
+        "FlexAttention (compiled)": backend_method("flex"),
+        "flash-attn": backend_method("flash_attn"),
+    }
+
+
+def max_err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def outputs_and_grads(fn, batch, grad):
+    q, k, v, *rest = batch
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, *rest)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def check_scaled(name, fn, lengths, heads, device, needs_grad) -> str:
+    """Forward (+ backward) at 1/8 of the batch vs float64, within 2x (3x) of per-sample SDPA's error."""
+    batch = make_varlen_inputs(lengths, heads=heads, head_dim=HEAD_DIM, dtype=DTYPE, device=device, seed=1)
+    q, k, v, cq, ck, *_ = batch
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=DTYPE)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = varlen_attention_reference(*leaves, cq, ck)[0]
+    ref.backward(grad.double())
+    ref = [ref.detach()] + [t.grad for t in leaves]
+    sdpa = outputs_and_grads(backend_method("sdpa")[0], batch, grad)
+    if needs_grad:
+        got = outputs_and_grads(fn, batch, grad)
+    else:
+        with torch.no_grad():
+            got = [fn(*batch)]
+    parts = []
+    for label, g, s, r, factor in zip(("out", "dq", "dk", "dv"), got, sdpa, ref, (2, 3, 3, 3)):
+        err, budget = max_err(g, r), factor * max_err(s, r)
+        assert torch.isfinite(g).all() and err <= budget, f"{name}: {label} error {err:.2e} > {factor}x SDPA's"
+        parts.append(f"{label} {err:.1e} (SDPA {max_err(s, r):.1e})")
+    return ", ".join(parts)
+
+
+def check_rows(fn, batch, rows=64) -> float:
+    """Full-size forward on `rows` query rows of every sample vs float64: the max abs error."""
+    q, k, v, cq, ck, *_ = batch
+    with torch.no_grad():
+        out = fn(*batch)
+    worst, offsets = 0.0, cq.tolist()
+    for b in range(len(offsets) - 1):
+        take = torch.linspace(offsets[b], offsets[b + 1] - 1, rows, device=q.device).long().unique()
+        ks, vs = (t[offsets[b] : offsets[b + 1]].double().transpose(0, 1) for t in (k, v))
+        scores = q[take].double().transpose(0, 1) @ ks.transpose(1, 2) * HEAD_DIM**-0.5
+        ref = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1)
+        worst = max(worst, max_err(out[take], ref))
+    return worst
+
+
+def time_method(fn, batch, backward: bool) -> float:
+    q, k, v, *rest = batch
+    if not backward:
+        with torch.no_grad():
+            fn(*batch)  # warm-up (compiles)
+            return bench_ms(lambda: fn(*batch))
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        fn(*leaves, *rest).backward(grad)
+
+    step()
+    return bench_ms(step)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the available device")
+    args = parser.parse_args(argv)
+    device = "cuda" if ON_CUDA else "cpu"
+    # Smoke: lengths / 128 and 4 heads (PyTorch's CPU SDPA backward is slow at small lengths).
+    scale, heads = (128, 4) if args.smoke else (1, HEADS)
+    shape_note = f"bf16, {heads} heads x {HEAD_DIM}{', smoke: lengths / 128' if args.smoke else ''}"
+    print(card_header(f"Varlen attention over packed SELF batches ({shape_note})"))
+    print(f"backends available here: {available_backends(device, DTYPE, HEAD_DIM)}\n")
+    table = ["| batch | method | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |", "|---|---|---|---|---|---|"]
+    notes = []
+    for batch_name, full_lengths in BATCHES.items():
+        lengths = [max(1, n // scale) for n in full_lengths]
+        batch = make_varlen_inputs(lengths, heads=heads, head_dim=HEAD_DIM, dtype=DTYPE, device=device)
+        flops = attention_flops(lengths, lengths, heads, HEAD_DIM)
+        for name, (fn, reason) in methods().items():
+            if reason is not None:
+                table.append(f"| {batch_name} | {name} | n/a: {reason} | | | |")
+                continue
+            # Gradients where the method has them: FlexAttention on CPU runs only forward.
+            needs_grad = not (name.startswith("Flex") and not ON_CUDA)
+            small = [max(1, n // 8) for n in lengths]
+            try:
+                notes.append(f"{batch_name} / 8, {name}: {check_scaled(name, fn, small, heads, device, needs_grad)}")
+                notes.append(f"{batch_name}, {name}: full-size forward, 64 rows per sample: max error "
+                             f"{check_rows(fn, batch):.1e}")  # fmt: skip
+                fwd = time_method(fn, batch, backward=False)
+                both = time_method(fn, batch, backward=True) if needs_grad else None
+            except torch.OutOfMemoryError:
+                table.append(f"| {batch_name} | {name} | out of memory | | | |")
+                torch.cuda.empty_cache()
+                continue
+            both_cells = f"{both:.3f} | {3.5 * flops / both / 1e9:.3g}" if both else "n/a: no backward here | "
+            table.append(f"| {batch_name} | {name} | {fwd:.3f} | {flops / fwd / 1e9:.3g} | {both_cells} |")
+    print("\n".join(table))
+    print("\ncorrectness on this device (max abs error vs float64):")
+    for line in notes:
+        print(f"- {line}")
+
+
+if __name__ == "__main__":
+    main()
