@@ -16,6 +16,7 @@ extra_info["speedup_vs"] once every entry of its group has run (benchmarks/conft
 
 import pytest
 import torch
+from ratios import record
 
 import uniref
 from uniref.ops.attention_reference import (
@@ -27,7 +28,6 @@ from uniref.ops.attention_reference import (
 
 LENGTHS = (1187, 311, 903, 642)
 HEADS, HEAD_DIM = 8, 64
-_MEDIANS: dict[str, dict[str, float]] = {}
 
 
 def by_backend(backend):
@@ -48,16 +48,6 @@ IMPLS = {
     "flex_compiled": by_backend("flex"),
     "uniref": by_backend("cpu"),
 }
-
-
-def record(benchmark, group: str, impl: str) -> None:
-    """Keeps each entry's median and, once ours has run, stores the peer / ours ratios in extra_info."""
-    if benchmark.stats is None:  # --benchmark-disable
-        return
-    medians = _MEDIANS.setdefault(group, {})
-    medians[impl] = benchmark.stats.stats.median
-    if impl == "uniref":
-        benchmark.extra_info["speedup_vs"] = {p: round(m / medians[impl], 3) for p, m in medians.items() if p != impl}
 
 
 @pytest.fixture(scope="module")

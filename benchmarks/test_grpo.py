@@ -13,12 +13,12 @@ peers' median / ours in extra_info["speedup_vs"] once every entry of its group h
 import numpy as np
 import pytest
 import torch
+from ratios import record
 
 import uniref.grpo as grpo
 from uniref.ops.grpo_reference import flow_grpo_loss_reference, group_advantages_reference
 
 N, TOKENS, CHANNELS = 24, 1024, 64
-_MEDIANS: dict[str, dict[str, float]] = {}
 
 
 def loss_batch(n=N, tokens=TOKENS, channels=CHANNELS, dtype=torch.float32, device="cpu", seed=0):
@@ -69,16 +69,6 @@ def loss_torch_compile(b, mean):
 
 
 LOSS_IMPLS = {"torch_eager": loss_torch_eager, "torch_compile": loss_torch_compile, "uniref": loss_uniref}
-
-
-def record(benchmark, group: str, impl: str) -> None:
-    """Keeps each entry's median and, once ours has run, stores the peer / ours ratios in extra_info."""
-    if benchmark.stats is None:  # --benchmark-disable
-        return
-    medians = _MEDIANS.setdefault(group, {})
-    medians[impl] = benchmark.stats.stats.median
-    if impl == "uniref":
-        benchmark.extra_info["speedup_vs"] = {p: round(m / medians[impl], 3) for p, m in medians.items() if p != impl}
 
 
 @pytest.fixture(scope="module")

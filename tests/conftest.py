@@ -1,5 +1,14 @@
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run under the interpreter. @triton.jit reads this when a function
+    # is defined -- triton's own library functions included, at `import triton.language` -- so it must
+    # be set before anything (diffusers, inductor) imports triton: here, before any test module.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

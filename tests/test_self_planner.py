@@ -1,6 +1,7 @@
 """SELF's global pixel-budget planner."""
 
 import math
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
@@ -63,22 +64,25 @@ def test_global_plan_monotone_in_budget(sizes, budget, extra):
 
 
 def brute_force_global(sizes, budget, multiple):
-    """Independent reference: rounded sides change only where x * s / m crosses n + 1/2, so the best plan
-    is the one at the largest such breakpoint that still fits (or the all-minimum plan)."""
+    """Independent reference in exact arithmetic: rounded sides change only where x * s / m reaches
+    n + 1/2 (ties round up), so the best plan is the one at the largest such breakpoint that still fits
+    (or the all-minimum plan)."""
 
     def sized(scale):
-        return [
-            tuple(max(multiple, multiple * math.floor(x * scale / multiple + 0.5)) for x in (h, w)) for h, w in sizes
-        ]
+        return [tuple(max(multiple, multiple * math.floor(x * scale / multiple + Fraction(1, 2))) for x in (h, w))
+                for h, w in sizes]
 
-    best = sized(0.0)
+    def area(plan):
+        return sum(a * b for a, b in plan)
+
+    best = sized(Fraction(0))
     max_side = budget // multiple  # a side can grow this far while the other stays at the floor
     for h, w in sizes:
         for x in (h, w):
             for n in range(max_side // multiple + 1):
-                plan = sized((n + 0.5) * multiple / x * (1 + 1e-12))  # just past the tie
-                if sum(a * b for a, b in plan) <= budget and sum(a * b for a, b in plan) >= sum(a * b for a, b in best):
-                    best = max(best, plan, key=lambda p: (sum(a * b for a, b in p), p))
+                plan = sized(Fraction(2 * n + 1, 2) * multiple / x)
+                if area(plan) <= budget and area(plan) > area(best):
+                    best = plan
     return best
 
 

@@ -10,7 +10,8 @@ Public API:
     group_advantages       multi-source group-normalized advantages (across ranks when distributed)
     flow_grpo_loss         the PPO-clipped Flow-GRPO loss with optional KL (fused Triton kernels on CUDA)
     info                   what was built (CPU/CUDA kernels, archs, optional backends)
-    UniRefTransformer2DModel   the packed-varlen MMDiT (imported on first use: it needs diffusers)
+    UniRefTransformer2DModel   the packed-varlen MMDiT   } imported on first use
+    UniRefEditPipeline         the diffusers edit pipeline } (they need diffusers)
 """
 
 __version__ = "0.1.0"
@@ -29,7 +30,13 @@ from uniref.self import (  # noqa: E402
 )
 
 # Imported on first use: they pull in diffusers, which `import uniref` should not pay for.
-_LAZY = {"UniRefTransformer2DModel": "uniref.models.transformer"}
+_LAZY = {
+    "UniRefTransformer2DModel": "uniref.models.transformer",
+    "UniRefEditPipeline": "uniref.pipelines.edit",
+    "UniRefEditPipelineOutput": "uniref.pipelines.edit",
+    "ByteTextEncoder": "uniref.pipelines.text_encoders",
+    "QwenVLPromptEncoder": "uniref.pipelines.text_encoders",
+}
 
 
 def __getattr__(name):
@@ -41,7 +48,11 @@ def __getattr__(name):
 
 
 __all__ = [
+    "ByteTextEncoder",
     "PackedLatents",
+    "QwenVLPromptEncoder",
+    "UniRefEditPipeline",
+    "UniRefEditPipelineOutput",
     "UniRefTransformer2DModel",
     "build_info",
     "concat_joint",

@@ -1,4 +1,5 @@
-"""The `uniref` command line: `uniref plan` (SELF demo) and `uniref info`."""
+"""The `uniref` command line: `uniref edit`, `uniref eval` (synthetic benchmark), `uniref plan` (SELF demo),
+`uniref info`."""
 
 from __future__ import annotations
 
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="what this install was built with")
     info.set_defaults(func=_cmd_info)
+
+    from uniref.edit_cli import add_edit_parser
+    from uniref.synthetic.eval import add_eval_parser
+
+    add_edit_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -37,6 +38,13 @@ _MODES = ("global", "per_image")
 def _round_side(x: float, multiple: int) -> int:
     """Nearest positive multiple of `multiple` (ties round up, never 0)."""
     return max(multiple, multiple * math.floor(x / multiple + 0.5))
+
+
+def _scaled_side(side: int, scale: Fraction, multiple: int) -> int:
+    """`_round_side(side * scale)` in exact arithmetic: where two sides reach a rounding tie at the same
+    scale, float rounding could round one up and the other down, which no single scale does."""
+    n = (2 * side * scale.numerator + multiple * scale.denominator) // (2 * multiple * scale.denominator)
+    return max(multiple, multiple * n)
 
 
 def _check_sizes(sizes) -> list[tuple[int, int]]:
@@ -104,7 +112,8 @@ def plan_reference_sizes(
         return out
 
     def sized(scale: float) -> list[tuple[int, int]]:
-        return [(_round_side(h * scale, multiple), _round_side(w * scale, multiple)) for h, w in pairs]
+        exact = Fraction(scale)
+        return [(_scaled_side(h, exact, multiple), _scaled_side(w, exact, multiple)) for h, w in pairs]
 
     def area(plan) -> int:
         return sum(h * w for h, w in plan)

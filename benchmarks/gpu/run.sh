@@ -19,8 +19,7 @@ python3 -c "import uniref; uniref.info()" | tee "$OUT/info.txt"
 # image lacks skip themselves).
 timeout 240 python3 -m pytest tests -q -x -k "cuda" -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/tests.txt"
 
-for script in benchmarks/gpu/packing.py benchmarks/gpu/attention.py benchmarks/gpu/grpo.py; do
-  [ -f "$script" ] || continue
+for script in benchmarks/gpu/packing.py benchmarks/gpu/attention.py benchmarks/gpu/grpo.py benchmarks/gpu/pipeline.py; do
   name=$(basename "$script" .py)
   timeout 240 python3 "$script" 2>&1 | tee "$OUT/$name.md"
 done

@@ -69,7 +69,7 @@ _HAS_KERNEL = {
 _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 _HALF = (torch.float16, torch.bfloat16)
 # Head dims the CUDA kernel instantiates (csrc/attention/, the CUDA files); others take the next backend.
-CUDA_HEAD_DIMS = (64, 128)
+CUDA_HEAD_DIMS = (32, 64, 128)
 
 
 def unavailable_reason(backend: str, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str | None:

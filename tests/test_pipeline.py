@@ -1,0 +1,398 @@
+"""UniRefEditPipeline: packed batches equal one-by-one runs, budgets, guidance, outputs, errors, save/load,
+and the Qwen-Image-Edit-Plus path against diffusers' own pipeline (tiny random models, CPU)."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import uniref
+from uniref.pipelines import ByteTextEncoder, DefaultModelUnavailableError, UniRefEditPipeline
+from uniref.testing import qwenimage_scheduler, random_edit_pipeline
+
+
+def random_image(rng, h, w):
+    return PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = random_edit_pipeline("tiny", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def samples():
+    """Four samples with 1, 2, 3 and 4 references of different sizes and aspect ratios."""
+    rng = np.random.default_rng(0)
+    sizes = [[(48, 64)], [(64, 32), (32, 32)], [(40, 40), (80, 48), (16, 64)], [(64, 64), (24, 40), (56, 32), (32, 96)]]
+    images = [[random_image(rng, h, w) for h, w in s] for s in sizes]
+    prompts = ["make it red", "put the cat on the sofa", "compose all three ✓", ""]
+    return images, prompts
+
+
+class Spy:
+    """Records the packed layout and the text lengths of every transformer forward."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handle = model.register_forward_pre_hook(lambda m, args: self.calls.append((args[0], list(args[2]))))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_packed_batch_equals_one_by_one(pipe, samples):
+    images, prompts = samples
+    kwargs = dict(num_inference_steps=3, true_cfg_scale=3.0, negative_prompt="blurry", output_type="np")
+    with Spy(pipe.transformer) as spy:
+        generators = [torch.Generator().manual_seed(10 + i) for i in range(4)]
+        batch = pipe(images, prompts, generator=generators, **kwargs).images
+    assert len(spy.calls) == 3  # one forward per step for 4 samples x 2 guidance branches
+    assert spy.calls[0][0].batch_size == 8
+    for i, (refs, prompt) in enumerate(zip(images, prompts)):
+        single = pipe(refs, prompt, generator=torch.Generator().manual_seed(10 + i), **kwargs).images[0]
+        assert single.shape == batch[i].shape
+        assert np.abs(single - batch[i]).max() < 1e-4, i
+    # default output size: the first reference's aspect ratio at target_pixels (64^2), sides multiples of 16
+    assert [b.shape[:2] for b in batch] == [(48, 80), (96, 48), (64, 64), (64, 64)]
+
+
+def test_each_sample_steps_on_its_own_schedule(pipe):
+    """Dynamic shift: mu follows each sample's target token count, as Qwen-Image computes it per call."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
+
+    from uniref.pipelines.edit import calculate_shift as ours
+
+    schedulers = pipe.make_schedulers([16, 1024, 8192], 4, "cpu")
+    for n, s in zip([16, 1024, 8192], schedulers):
+        mu = calculate_shift(n, 256, 8192, 0.5, 0.9)
+        assert ours(n, 256, 8192, 0.5, 0.9) == mu
+        alone = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        alone.set_timesteps(sigmas=np.linspace(1, 0.25, 4), mu=mu)
+        assert torch.equal(s.sigmas, alone.sigmas)
+    assert not torch.allclose(schedulers[0].sigmas, schedulers[2].sigmas)
+    assert len(pipe.scheduler.timesteps) == 1000  # the pipeline's own scheduler is never set: it is only cloned
+
+
+def test_one_generator_is_drawn_in_sample_order(pipe, samples):
+    images, prompts = samples
+    kwargs = dict(num_inference_steps=2, true_cfg_scale=1.0, output_type="latent")
+    batch = pipe(images[:2], prompts[:2], generator=torch.Generator().manual_seed(3), **kwargs).images
+    g = torch.Generator().manual_seed(3)
+    singles = [pipe(images[i], prompts[i], generator=g, **kwargs).images[0] for i in range(2)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(batch, singles))
+
+
+@pytest.mark.parametrize("mode", ["global", "per_image"])
+def test_budget_modes_set_reference_tokens(pipe, mode):
+    rng = np.random.default_rng(1)
+    budget = 64 * 64
+    refs = [random_image(rng, 64, 64) for _ in range(4)]
+    tokens = []
+    for k in (1, 2, 4):
+        with Spy(pipe.transformer) as spy:
+            pipe(refs[:k], "x", num_inference_steps=2, true_cfg_scale=1.0, pixel_budget=budget, budget_mode=mode,
+                 height=32, width=32, output_type="latent")
+        packed = spy.calls[0][0]
+        target, *ref_counts = packed.image_tokens(0)
+        assert target == 4  # 32x32 pixels -> 4x4 latent -> 2x2 tokens
+        tokens.append(sum(ref_counts))
+    if mode == "global":
+        # SELF: the references share 64^2 pixels = at most 16 tokens whatever their number. Two references
+        # would be ~45^2 each; sides are multiples of 16 and 48^2 x 2 overflows, so they get 32^2.
+        assert tokens == [16, 8, 16]
+    else:  # each reference gets 64^2 pixels: linear growth
+        assert tokens == [16, 32, 64]
+
+
+def test_guidance_runs_both_branches_in_one_forward(pipe, samples):
+    images, prompts = samples
+    run = lambda **kw: pipe(images[1], prompts[1], num_inference_steps=2, output_type="latent",  # noqa: E731
+                            generator=torch.Generator().manual_seed(0), **kw).images[0]
+    with Spy(pipe.transformer) as spy:
+        guided = run(true_cfg_scale=4.0, negative_prompt="ugly")
+    packed, text_lengths = spy.calls[0]
+    assert packed.batch_size == 2 and text_lengths == [len(prompts[1].encode()) + 1, len("ugly") + 1]
+    unguided = run(true_cfg_scale=1.0)
+    other_negative = run(true_cfg_scale=4.0, negative_prompt="")
+    assert not torch.allclose(guided, unguided) and not torch.allclose(guided, other_negative)
+
+
+def test_output_types(pipe, samples):
+    images, prompts = samples
+    outs = {
+        t: pipe(images[0], prompts[0], num_inference_steps=2, generator=torch.Generator().manual_seed(1),
+                output_type=t).images[0]
+        for t in ("pil", "np", "pt", "latent")
+    }
+    assert isinstance(outs["pil"], PIL.Image.Image) and outs["pil"].size == (80, 48)
+    assert outs["np"].shape == (48, 80, 3) and outs["np"].dtype == np.float32
+    assert outs["pt"].shape == (3, 48, 80) and 0 <= outs["pt"].min() and outs["pt"].max() <= 1
+    assert outs["latent"].shape == (4, 6, 10)
+    np.testing.assert_allclose(outs["pt"].permute(1, 2, 0).numpy(), outs["np"], atol=1e-6)
+    assert np.abs(np.asarray(outs["pil"]).astype(int) - (outs["np"] * 255).round()).max() <= 1
+    # the latent output decodes to the same image
+    with torch.no_grad():
+        decoded = pipe.image_processor.postprocess(pipe.decode_latents(outs["latent"]), output_type="np")[0]
+    np.testing.assert_allclose(decoded, outs["np"], atol=1e-5)
+    tup = pipe(images[0], prompts[0], num_inference_steps=2, output_type="latent", return_dict=False)
+    assert isinstance(tup, tuple) and len(tup[0]) == 1
+
+
+def test_array_and_tensor_references(pipe):
+    """A uint8 array, a float array and a float tensor of the same picture give the same edit."""
+    rng = np.random.default_rng(2)
+    arr = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    kw = dict(num_inference_steps=2, output_type="latent", height=32, width=32, pixel_budget=32 * 48)
+    outs = [pipe([img], "x", generator=torch.Generator().manual_seed(0), **kw).images[0]
+            for img in (PIL.Image.fromarray(arr), arr, arr / 255.0, torch.from_numpy(arr).permute(2, 0, 1) / 255.0)]
+    assert all(torch.allclose(outs[0], o, atol=1e-5) for o in outs[1:])
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(images=[]), "images must be a non-empty list"),
+        (dict(images=[[PIL.Image.new("RGB", (32, 32))]]), "images is a list of lists .* pass one prompt per sample"),
+        (dict(prompt=["a", "b"]), "for a batch of 2 prompts, images must be a list of 2 lists"),
+        (dict(prompt=3), "prompt must be a str"),
+        (dict(images=["cat.png"]), r"images\[0\]\[0\] is a str; expected a PIL"),
+        (dict(images=[torch.zeros(4, 8, 8)]), r"images\[0\]\[0\]: a tensor image must be float \(3, H, W\)"),
+        (dict(images=[torch.full((3, 8, 8), -1.0)]), r"must lie in \[0, 1\]; rescale"),
+        (dict(negative_prompt=["a", "b"]), "negative_prompt must be None, a str .* list of 1 str"),
+        (dict(num_inference_steps=0), "num_inference_steps must be an int >= 1"),
+        (dict(num_inference_steps=1), r"num_inference_steps=1 gives no valid schedule .*0.02\); use more steps"),
+        (dict(true_cfg_scale=0.5), r"true_cfg_scale must be a number >= 1 \(1 disables guidance\)"),
+        (dict(budget_mode="sum"), "budget_mode must be one of"),
+        (dict(pixel_budget=1.5e4), "pixel_budget must be a positive int"),
+        (dict(pixel_budget=300, images=[PIL.Image.new("RGB", (32, 32))] * 2), "too small for 2 reference"),
+        (dict(height=64), "pass both height and width, or neither"),
+        (dict(height=60, width=64), r"height=60 must be a positive multiple of 16 \(e.g. 48\)"),
+        (dict(output_type="jpg"), "output_type must be one of"),
+        (dict(generator=[torch.Generator()] * 2), "list of 2 generators for 1 samples; pass one per sample"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_the_fix(pipe, change, match):
+    kwargs = dict(images=[PIL.Image.new("RGB", (32, 32))], prompt="x", num_inference_steps=2)
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=match):
+        pipe(**kwargs)
+
+
+def test_mismatched_components_are_rejected():
+    pipe = random_edit_pipeline("tiny")
+    with pytest.raises(ValueError, match="embed_dim=16 must equal transformer.config.joint_attention_dim=32"):
+        UniRefEditPipeline(pipe.transformer, pipe.vae, pipe.scheduler, ByteTextEncoder(embed_dim=16, hidden_dim=16))
+    small = random_edit_pipeline("small")
+    with pytest.raises(ValueError, match="16 latent channels, so image tokens have 64 features"):
+        UniRefEditPipeline(pipe.transformer, small.vae, pipe.scheduler, pipe.text_encoder)
+    with pytest.raises(ValueError, match="lacks encode_prompts"):
+        UniRefEditPipeline(pipe.transformer, pipe.vae, pipe.scheduler, torch.nn.Linear(2, 2))
+
+
+def test_save_and_load_round_trip(pipe, samples, tmp_path):
+    images, prompts = samples
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "UniRefEditPipeline" and index["target_pixels"] == 64 * 64
+    assert index["text_encoder"] == ["uniref.pipelines.text_encoders", "ByteTextEncoder"]
+    loaded = UniRefEditPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, output_type="np", true_cfg_scale=2.0)
+    a = pipe(images[:2], prompts[:2], generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw).images
+    b = loaded(images[:2], prompts[:2], generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw).images
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_from_pretrained_without_folder_says_the_default_model_is_not_shipped():
+    with pytest.raises(DefaultModelUnavailableError, match="default model is not shipped yet"):
+        UniRefEditPipeline.from_pretrained()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=2, max_size=5), min_size=1,
+                max_size=4))
+def test_rebuilding_the_image_stream_equals_packing_anew(layouts):
+    """What the sampler does every step: keep the reference tokens, swap the targets, `concat_joint`."""
+    g = torch.Generator().manual_seed(0)
+    first = [[torch.randn(3, 2 * h, 2 * w, generator=g) for h, w in s] for s in layouts]
+    new_targets = [torch.randn_like(s[0]) for s in first]
+    layout = uniref.pack_latents(first)
+    targets = uniref.pack_latents([[t] for t in new_targets])
+    counts = [layout.image_tokens(i) for i in range(layout.batch_size)]
+    cu_tgt = torch.tensor(np.cumsum([0] + [c[0] for c in counts]), dtype=torch.int32)
+    cu_ref = torch.tensor(np.cumsum([0] + [sum(c[1:]) for c in counts]), dtype=torch.int32)
+    _, refs = uniref.split_joint(layout.tokens, cu_tgt, cu_ref, targets.tokens.shape[0])
+    rebuilt, cu = uniref.concat_joint(targets.tokens, cu_tgt, refs, cu_ref)
+    expected = uniref.pack_latents([[t, *s[1:]] for t, s in zip(new_targets, first)])
+    assert torch.equal(rebuilt, expected.tokens) and torch.equal(cu, expected.cu_seqlens)
+
+
+# --------------------------------------------------------------------------------------------
+# ByteTextEncoder
+# --------------------------------------------------------------------------------------------
+
+
+def test_byte_text_encoder_packs_without_cross_talk():
+    enc = ByteTextEncoder(embed_dim=24, hidden_dim=32, num_layers=2, num_heads=4, max_length=16).eval()
+    prompts = ["a red car", "", "ünïcødé ✓", "x" * 40]
+    with torch.no_grad():
+        embeds, lengths = enc.encode_prompts(prompts)
+        alone = [enc.encode_prompts([p])[0] for p in prompts]
+    assert lengths == [10, 1, 1 + len("ünïcødé ✓".encode()), 16]  # BOS + bytes, truncated at max_length
+    assert embeds.shape == (sum(lengths), 24)
+    torch.testing.assert_close(embeds, torch.cat(alone), atol=1e-6, rtol=1e-5)
+    ids, _ = enc.tokenize(["ab"])
+    assert ids.tolist() == [ByteTextEncoder.BOS, 97, 98]
+
+
+def test_byte_text_encoder_is_trainable_and_round_trips(tmp_path):
+    enc = ByteTextEncoder(embed_dim=8, hidden_dim=16, num_layers=1, num_heads=2, max_length=32)
+    embeds, _ = enc.encode_prompts(["one", "two words"])
+    embeds.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters())
+    enc.save_pretrained(tmp_path)
+    back = ByteTextEncoder.from_pretrained(tmp_path)
+    assert back.config.max_length == 32
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), back.state_dict().values()))
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        ByteTextEncoder(hidden_dim=10, num_heads=4)
+
+
+# --------------------------------------------------------------------------------------------
+# The Qwen-Image-Edit-Plus path, against diffusers' own pipeline
+# --------------------------------------------------------------------------------------------
+
+QWEN_SPECIAL_TOKENS = {
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653, "<|vision_pad|>": 151654, "<|image_pad|>": 151655, "<|video_pad|>": 151656,
+}
+
+
+def tiny_qwen_edit_plus():
+    """A real diffusers `QwenImageEditPlusPipeline` of tiny random modules, built offline.
+
+    Qwen2.5-VL's vocabulary cannot be downloaded here, so the tokenizer is byte-level BPE with no merges
+    plus Qwen's special tokens at their real ids. transformers refuses to build a `Qwen2VLProcessor`
+    without torchvision (for its video processor, which image prompts never use), so its class check is
+    bypassed while constructing it.
+    """
+    from diffusers import AutoencoderKLQwenImage, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer,
+                              Qwen2VLImageProcessorPil, Qwen2VLProcessor)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab.update(QWEN_SPECIAL_TOKENS)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    extra = [t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    check = Qwen2VLProcessor.check_argument_for_proper_class
+    Qwen2VLProcessor.check_argument_for_proper_class = lambda self, name, arg: None
+    try:
+        processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer)
+    finally:
+        Qwen2VLProcessor.check_argument_for_proper_class = check
+
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 2.0, 1.0, 0.5],
+    )
+    text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                rope_theta=1e6, vocab_size=151657)
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=151657, vision_start_token_id=151652, vision_end_token_id=151653,
+        vision_token_id=151654, image_token_id=151655,
+    )
+    pipe = QwenImageEditPlusPipeline(
+        scheduler=qwenimage_scheduler(),
+        vae=vae.eval(), text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer=tokenizer,
+        processor=processor, transformer=transformer.eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def qwen_pipes():
+    pytest.importorskip("transformers")
+    qwen = tiny_qwen_edit_plus()
+    ours = UniRefEditPipeline.from_qwenimage_edit(qwen, target_pixels=64 * 64, attention_backend="auto")
+    ours.set_progress_bar_config(disable=True)
+    return qwen, ours
+
+
+def test_from_qwenimage_edit_matches_diffusers_pipeline(qwen_pipes, monkeypatch):
+    """Same prompts, images, seed and guidance: the same latents and image as QwenImageEditPlusPipeline.
+
+    diffusers resizes every reference to ~1024^2 (its module constant VAE_IMAGE_SIZE); it is lowered to
+    64^2 so this runs in seconds, and ours runs in per_image mode at the same budget. Square inputs make
+    both pipelines' rounding (to 32 there, 16 here) agree.
+    """
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen_module
+
+    qwen, ours = qwen_pipes
+    monkeypatch.setattr(qwen_module, "VAE_IMAGE_SIZE", 64 * 64)
+    rng = np.random.default_rng(0)
+    refs = [random_image(rng, 64, 64), random_image(rng, 96, 96)]
+    common = dict(prompt="swap them", negative_prompt="blurry", true_cfg_scale=3.0, num_inference_steps=3)
+    for output_type in ("latent", "np"):
+        expected = qwen(image=refs, height=64, width=64, generator=torch.Generator().manual_seed(5),
+                        output_type=output_type, **common).images[0]
+        got = ours(refs, pixel_budget=64 * 64, budget_mode="per_image", generator=torch.Generator().manual_seed(5),
+                   output_type=output_type, **common).images[0]
+        if output_type == "latent":  # diffusers returns packed target tokens; ours the (C, h, w) latent
+            got = uniref.pack_latents([[got]]).tokens
+        expected = torch.as_tensor(expected)
+        assert got.shape == expected.shape
+        assert (torch.as_tensor(got) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_qwen_prompt_encoder_packs_each_sample_as_diffusers_encodes_it(qwen_pipes):
+    qwen, ours = qwen_pipes
+    enc = ours.text_encoder
+    assert enc.embed_dim == 16 and enc.text_encoder is qwen.text_encoder  # shared, not copied
+    img = PIL.Image.new("RGB", (40, 30), (200, 30, 30))
+    with torch.no_grad():
+        embeds, lengths = enc.encode_prompts(["red", "two pictures"], [[img], [img, img]])
+        alone = [enc.encode_prompts([p], [imgs])[0] for p, imgs in (("red", [img]), ("two pictures", [img, img]))]
+    assert embeds.shape == (sum(lengths), 16) and [a.shape[0] for a in alone] == lengths
+    torch.testing.assert_close(embeds, torch.cat(alone))
+
+
+def test_qwen_path_save_and_load(qwen_pipes, tmp_path, monkeypatch):
+    """Our part of the round trip: model_index, the converted transformer, the VAE, the scheduler and
+    the Qwen2.5-VL weights. The processor's own (transformers) save/load is stubbed: this environment
+    has no torchvision, without which transformers cannot save or load a complete Qwen2VLProcessor."""
+    import transformers
+
+    _, ours = qwen_pipes
+    processor = ours.text_encoder.processor
+    monkeypatch.setattr(type(processor), "save_pretrained", lambda self, path, **kw: None)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", staticmethod(lambda path, **kw: processor))
+    ours.save_pretrained(tmp_path)
+    assert (tmp_path / "text_encoder" / "model" / "config.json").is_file()
+    loaded = UniRefEditPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    refs = [PIL.Image.new("RGB", (48, 32), (10, 200, 90))]
+    kw = dict(num_inference_steps=2, true_cfg_scale=2.0, output_type="latent")
+    a = ours(refs, "greener", generator=torch.Generator().manual_seed(0), **kw).images[0]
+    b = loaded(refs, "greener", generator=torch.Generator().manual_seed(0), **kw).images[0]
+    assert torch.equal(a, b)
