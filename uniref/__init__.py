@@ -36,6 +36,8 @@ _LAZY = {
     "UniRefEditPipelineOutput": "uniref.pipelines.edit",
     "ByteTextEncoder": "uniref.pipelines.text_encoders",
     "QwenVLPromptEncoder": "uniref.pipelines.text_encoders",
+    "VarlenJointAttnProcessor": "uniref.integrations.diffusers_attention",
+    "use_varlen_attention": "uniref.integrations.diffusers_attention",
 }
 
 
@@ -54,6 +56,7 @@ __all__ = [
     "UniRefEditPipeline",
     "UniRefEditPipelineOutput",
     "UniRefTransformer2DModel",
+    "VarlenJointAttnProcessor",
     "build_info",
     "concat_joint",
     "flow_grpo_loss",
@@ -64,5 +67,6 @@ __all__ = [
     "sde_step_with_logprob",
     "split_joint",
     "unpack_latents",
+    "use_varlen_attention",
     "varlen_attention",
 ]
