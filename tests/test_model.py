@@ -128,3 +128,19 @@ def test_bad_inputs():
         UniRefTransformer2DModel(**{**TINY, "axes_dims_rope": (4, 4, 4)})
     with pytest.raises(ValueError, match="rope_scheme"):
         UniRefTransformer2DModel(**TINY, rope_scheme="spiral")
+
+
+def test_layout_is_built_once_per_batch():
+    """A sampling loop calls the model with the same packed batch every step: the layout (segments,
+    offsets, RoPE tables) is reused, and the outputs are the same as with a fresh layout."""
+    model = UniRefTransformer2DModel(**TINY, attention_backend="cpu").eval()
+    latents, texts, t = make_inputs()
+    packed = uniref.pack_latents(latents)
+    with torch.no_grad():
+        first = model(packed, torch.cat(texts), TEXT_LENGTHS, t)
+        layout = model._layout_cache[2]
+        again = model(packed, torch.cat(texts), TEXT_LENGTHS, t)
+        assert model._layout_cache[2] is layout
+        fresh = model(uniref.pack_latents(latents), torch.cat(texts), TEXT_LENGTHS, t)
+        assert model._layout_cache[2] is not layout
+    assert torch.equal(first, again) and torch.equal(first, fresh)

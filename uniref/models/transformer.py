@@ -13,6 +13,7 @@ and different prompt lengths run in one forward, and attention never crosses sam
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -339,7 +340,7 @@ class UniRefTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"timestep must have shape ({packed.batch_size},), got {tuple(timestep.shape)}")
         if tokens.shape != packed.tokens.shape:
             raise ValueError(f"hidden_states must have packed.tokens' shape {tuple(packed.tokens.shape)}")
-        layout = _Layout(packed, text_lengths, self.config.zero_cond_t, self.rope, self.config.rope_scheme)
+        layout = self._layout(packed, text_lengths)
 
         img = self.img_in(tokens)
         txt = self.txt_in(self.txt_norm(encoder_hidden_states))
@@ -359,6 +360,17 @@ class UniRefTransformer2DModel(ModelMixin, ConfigMixin):
 
         target, _ = split_joint(img, layout.cu_target, layout.cu_refs, layout.target_total)
         return self.proj_out(self.norm_out(target, txt_temb, layout.out_segment))
+
+    def _layout(self, packed: PackedLatents, text_lengths: list[int]) -> "_Layout":
+        """The batch's layout (segments, offsets, RoPE tables), reused while the same `PackedLatents` comes
+        back with the same prompts -- every step of a sampling loop -- instead of rebuilt per forward."""
+        cached = getattr(self, "_layout_cache", None)
+        if cached is not None and cached[0]() is packed and cached[1] == text_lengths:
+            return cached[2]
+        layout = _Layout(packed, text_lengths, self.config.zero_cond_t, self.rope, self.config.rope_scheme)
+        # A weak reference: the cache must not keep a finished batch's tensors alive.
+        self._layout_cache = (weakref.ref(packed), list(text_lengths), layout)
+        return layout
 
     @classmethod
     def from_qwenimage(cls, model_or_path, **overrides) -> "UniRefTransformer2DModel":
