@@ -21,6 +21,7 @@ from ratios import record
 import uniref
 from uniref.ops.attention_reference import (
     attention_flops,
+    fwd_bwd_step,
     make_varlen_inputs,
     padded_sdpa_attention,
     varlen_attention_reference,
@@ -84,14 +85,7 @@ def test_forward(benchmark, batch, reference, impl):
 def test_forward_backward(benchmark, batch, impl):
     fn = IMPLS[impl]
     q, k, v, *rest = batch
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    grad = torch.randn_like(q)
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        fn(*leaves, *rest).backward(grad)
-
+    step, leaves, grad = fwd_bwd_step(fn, q, k, v, *rest)
     step()
     expected = [t.detach().double().requires_grad_() for t in (q, k, v)]
     varlen_attention_reference(*expected, *rest[:2])[0].backward(grad.double())

@@ -32,6 +32,7 @@ from uniref.attention import auto_backend, available_backends  # noqa: E402
 from uniref.ops.attention import unavailable_reason  # noqa: E402
 from uniref.ops.attention_reference import (  # noqa: E402
     attention_flops,
+    fwd_bwd_step,
     make_varlen_inputs,
     padded_sdpa_attention,
     varlen_attention_reference,
@@ -137,14 +138,7 @@ def time_method(fn, batch, backward: bool) -> float:
         with torch.no_grad():
             fn(*batch)  # warm-up (compiles)
             return bench_ms(lambda: fn(*batch))
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    grad = torch.randn_like(q)
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        fn(*leaves, *rest).backward(grad)
-
+    step, _, _ = fwd_bwd_step(fn, q, k, v, *rest)
     step()
     return bench_ms(step)
 

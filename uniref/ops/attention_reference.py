@@ -77,3 +77,17 @@ def padded_sdpa_attention(
     mask = keys[:, None, None]  # (B, 1, 1, Lk): every query row sees its sample's real keys
     out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=softmax_scale)
     return torch.cat([out[b, :, :n].transpose(0, 1) for b, n in enumerate(lq)])
+
+
+def fwd_bwd_step(fn, q: Tensor, k: Tensor, v: Tensor, *rest):
+    """A benchmark step: forward of ``fn(q, k, v, *rest)`` then backward of a fixed random gradient, on
+    fresh leaves. Returns ``(step, leaves, grad)``; ``step()`` clears the leaves' gradients first."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        fn(*leaves, *rest).backward(grad)
+
+    return step, leaves, grad
