@@ -93,7 +93,9 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.6", "numpy", "pillow", "safetensors", "diffusers>=0.35"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers"],
+        "train": ["deepspeed", "peft", "pyyaml", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers",
+                 "deepspeed", "peft", "pyyaml", "matplotlib"],
         "qwen": ["transformers"],
         "triton": ["triton"],
     },

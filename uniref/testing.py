@@ -25,7 +25,7 @@ CONFIGS = {
         transformer=dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                          axes_dims_rope=(4, 6, 6)),
         latent_channels=4, vae_channels=(8, 8, 16, 16),
-        text=dict(hidden_dim=32, num_layers=2, num_heads=2, max_length=128),
+        text=dict(hidden_dim=32, num_layers=2, num_heads=2, max_length=256),
         target_pixels=64 * 64,
     ),
     "small": dict(
@@ -53,15 +53,20 @@ def qwenimage_scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def random_edit_pipeline(size: str = "tiny", seed: int = 0, attention_backend: str = "auto") -> UniRefEditPipeline:
-    """A `UniRefEditPipeline` with random weights (``size`` in `CONFIGS`), in eval mode on the CPU."""
+def random_edit_pipeline(
+    size: str = "tiny", seed: int = 0, attention_backend: str = "auto", transformer_overrides: dict | None = None
+) -> UniRefEditPipeline:
+    """A `UniRefEditPipeline` with random weights (``size`` in `CONFIGS`), in eval mode on the CPU.
+
+    ``transformer_overrides`` replace keys of the geometry's transformer config (e.g. ``num_layers``)."""
     if size not in CONFIGS:
         raise ValueError(f"size must be one of {tuple(CONFIGS)}, got {size!r}")
     cfg = CONFIGS[size]
     c = cfg["latent_channels"]
     torch.manual_seed(seed)
     transformer = UniRefTransformer2DModel(
-        patch_size=2, in_channels=4 * c, out_channels=c, attention_backend=attention_backend, **cfg["transformer"]
+        patch_size=2, in_channels=4 * c, out_channels=c, attention_backend=attention_backend,
+        **{**cfg["transformer"], **(transformer_overrides or {})},
     )
     blocks = len(cfg["vae_channels"])
     vae = AutoencoderKL(

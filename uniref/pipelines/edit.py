@@ -29,9 +29,16 @@ from torch import Tensor
 
 from uniref.models.transformer import UniRefTransformer2DModel
 from uniref.pipelines.text_encoders import PromptEncoder, QwenVLPromptEncoder
-from uniref.self import concat_joint, pack_latents, plan_reference_sizes, split_joint, unpack_latents
+from uniref.self import PackedLatents, concat_joint, pack_latents, plan_reference_sizes, split_joint, unpack_latents
 
-__all__ = ["DEFAULT_MODEL_DIR", "DefaultModelUnavailableError", "UniRefEditPipeline", "UniRefEditPipelineOutput"]
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "DefaultModelUnavailableError",
+    "JointBatch",
+    "UniRefEditPipeline",
+    "UniRefEditPipelineOutput",
+    "guided_velocity",
+]
 
 # Where the embedded default model (a pipeline folder with model_index.json) is shipped.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default_model"
@@ -70,6 +77,55 @@ def calculate_shift(
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     b = base_shift - m * base_seq_len
     return image_seq_len * m + b
+
+
+def guided_velocity(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance as Qwen-Image-Edit-Plus: the combination rescaled, per token, to the
+    conditional prediction's norm."""
+    comb = uncond + scale * (cond - uncond)
+    return comb * (cond.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+
+
+@dataclass
+class JointBatch:
+    """The packed model batch of a sampling loop, built once: every sample's [target ; references],
+    repeated ``copies`` times (2 with guidance: conditional rows, then unconditional).
+
+    Attributes:
+        targets: the target-only layout (sample i's rows: ``targets.target_slices()[i]``).
+        layout: the model's layout; only its target tokens change from step to step.
+        cu_target, cu_refs, ref_tokens: the split of ``layout.tokens`` into targets and references.
+    """
+
+    targets: PackedLatents
+    layout: PackedLatents
+    cu_target: Tensor
+    cu_refs: Tensor
+    ref_tokens: Tensor
+    copies: int
+
+    @classmethod
+    def build(cls, noise: Sequence[Tensor], ref_latents: Sequence[Sequence[Tensor]], copies: int, patch_size: int):
+        targets = pack_latents([[x] for x in noise], patch_size=patch_size)
+        layout = pack_latents([[x, *refs] for x, refs in zip(noise, ref_latents)] * copies, patch_size=patch_size)
+        counts = [layout.image_tokens(i) for i in range(layout.batch_size)]
+        device = layout.tokens.device
+        cu_tgt = torch.tensor([0, *np.cumsum([c[0] for c in counts])], dtype=torch.int32, device=device)
+        cu_ref = torch.tensor([0, *np.cumsum([sum(c[1:]) for c in counts])], dtype=torch.int32, device=device)
+        _, ref_tokens = split_joint(layout.tokens, cu_tgt, cu_ref, copies * targets.tokens.shape[0])
+        return cls(targets, layout, cu_tgt, cu_ref, ref_tokens, copies)
+
+    def hidden_states(self, state: Tensor) -> Tensor:
+        """The model's image stream with ``state`` ``(T_target, F)`` as every copy's target tokens."""
+        return concat_joint(state.repeat(self.copies, 1), self.cu_target, self.ref_tokens, self.cu_refs)[0]
+
+    def velocity(self, model_fn, state: Tensor, t: Tensor, guidance_scale: float = 1.0) -> Tensor:
+        """One guided prediction: ``model_fn(layout, t_rows, hidden_states)`` -> per-row target velocity."""
+        pred = model_fn(self.layout, t.repeat(self.copies), self.hidden_states(state))
+        if self.copies == 2:
+            cond, uncond = pred.chunk(2)
+            pred = guided_velocity(cond, uncond, guidance_scale)
+        return pred
 
 
 def _is_image(x) -> bool:
@@ -470,30 +526,22 @@ class UniRefEditPipeline(DiffusionPipeline):
         # 3. Noise, layouts, schedules. `state` holds every sample's target tokens (T_tgt, C p p); the model
         #    batch repeats the samples for the unconditional branch.
         noise = self.prepare_latents([(h // f, w // f) for (h, w), _ in plans], generator, device, dtype)
-        targets = pack_latents([[x] for x in noise], patch_size=p)
-        copies = 2 if do_cfg else 1
-        layout = pack_latents([[x, *refs] for x, refs in zip(noise, ref_latents)] * copies, patch_size=p)
-        counts = [layout.image_tokens(i) for i in range(layout.batch_size)]
-        cu_tgt = torch.tensor([0, *np.cumsum([c[0] for c in counts])], dtype=torch.int32, device=device)
-        cu_ref = torch.tensor([0, *np.cumsum([sum(c[1:]) for c in counts])], dtype=torch.int32, device=device)
-        _, ref_tokens = split_joint(layout.tokens, cu_tgt, cu_ref, copies * targets.tokens.shape[0])
+        batch = JointBatch.build(noise, ref_latents, 2 if do_cfg else 1, p)
+        targets = batch.targets
         state = targets.tokens
         rows = targets.target_slices()
         schedulers = self.make_schedulers([s.stop - s.start for s in rows], num_inference_steps, device)
         num_train = self.scheduler.config.num_train_timesteps
 
+        def model_fn(layout, t, hidden):
+            return self.transformer(layout, embeds, text_lengths, t, hidden_states=hidden)
+
         # 4. Denoise: one packed forward per step for all samples and both guidance branches
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for k in range(num_inference_steps):
                 t = torch.stack([s.timesteps[k] for s in schedulers])
-                hidden, _ = concat_joint(state.repeat(copies, 1), cu_tgt, ref_tokens, cu_ref)
                 # t / 1000 in float32, then cast: in bfloat16, t itself (~1000) would round to a multiple of 4
-                pred = self.transformer(layout, embeds, text_lengths, (t / num_train).to(dtype).repeat(copies),
-                                        hidden_states=hidden)
-                if do_cfg:
-                    cond, uncond = pred.chunk(2)
-                    comb = uncond + true_cfg_scale * (cond - uncond)
-                    pred = comb * (cond.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+                pred = batch.velocity(model_fn, state, (t / num_train).to(dtype), true_cfg_scale)
                 state = torch.cat([
                     s.step(pred[r], t[i], state[r], return_dict=False)[0]
                     for i, (s, r) in enumerate(zip(schedulers, rows))

@@ -1,0 +1,48 @@
+"""``training/run.py``: the command line of a training job (under deepspeed, torchrun or python)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="training/run.py",
+        description="SFT (progressive pixel budgets) or MSGRPO on DeepSpeed. Examples:\n"
+        "  python training/run.py --config training/configs/tiny_sft.yaml\n"
+        "  DS_ACCELERATOR=cpu deepspeed --num_gpus 2 training/run.py --config training/configs/tiny_sft.yaml\n"
+        "  deepspeed training/run.py --config training/configs/tiny_msgrpo.yaml --resume auto optim.lr=1e-4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="a YAML config (training/configs/*.yaml)")
+    p.add_argument("--resume", default=None, help="auto (the newest complete checkpoint of --output) or a checkpoint folder")
+    p.add_argument("--output", default=None, help="the run folder (overrides the config's output)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's launcher
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4 sft.token_budget=512")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from uniref.training.config import ConfigError, load_config
+
+    args = _parser().parse_args(argv)
+    overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from uniref.training.trainer import train
+
+    try:
+        train(cfg, resume=args.resume)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

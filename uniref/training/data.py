@@ -1,0 +1,130 @@
+"""Training data: the synthetic world's stream, planned under a pixel budget and packed by a token budget.
+
+A step's data is a pure function of (config, cursor): every rank renders the same global list of
+micro-batches and keeps its own share, so 1 process with N micro-batches per step and N processes with
+one each train on exactly the same samples, and a resumed run continues from the saved cursor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from uniref.self import plan_reference_sizes
+from uniref.synthetic import EDIT_KINDS, SyntheticEditDataset
+
+__all__ = ["MicroBatch", "TrainItem", "encode_micro_batch", "make_dataset", "plan_micro_batches", "sample_tokens"]
+
+
+@dataclass
+class TrainItem:
+    """One sample: uint8 ``(3, H, W)`` target and references, the planned reference sizes, the prompt."""
+
+    index: int
+    prompt: str
+    target: Tensor
+    references: list[Tensor]
+    planned: list[tuple[int, int]]
+    tokens: int
+
+
+@dataclass
+class MicroBatch:
+    """The samples of one packed forward (``position``: its index in the step's global list)."""
+
+    position: int
+    items: list[TrainItem]
+
+    @property
+    def tokens(self) -> int:
+        return sum(it.tokens for it in self.items)
+
+
+def make_dataset(data_cfg, seed: int) -> SyntheticEditDataset:
+    """The training stream of a config's ``data`` section: endless, or ``data.length`` items that
+    `plan_micro_batches` cycles through."""
+    return SyntheticEditDataset(
+        split="train",
+        length=data_cfg.length or 2**62,
+        size=data_cfg.size,
+        compose_ratio=data_cfg.compose_ratio,
+        num_refs=tuple(data_cfg.num_refs),
+        edit_kinds=tuple(data_cfg.edit_kinds or EDIT_KINDS),
+        seed=seed,
+    )
+
+
+def sample_tokens(target_hw: tuple[int, int], planned: Sequence[tuple[int, int]], multiple: int) -> int:
+    """Image tokens of one sample: its target plus its planned references (one per ``multiple`` px square)."""
+    return sum((h // multiple) * (w // multiple) for h, w in [tuple(target_hw), *planned])
+
+
+def plan_micro_batches(
+    dataset: SyntheticEditDataset,
+    cursor: int,
+    count: int,
+    pixel_budget: int,
+    budget_mode: str,
+    token_budget: int,
+    multiple: int = 16,
+) -> tuple[list[MicroBatch], int]:
+    """Fills ``count`` micro-batches from the stream at ``cursor``, each up to ``token_budget`` image tokens.
+
+    Samples go in stream order: a micro-batch closes when the next sample would not fit (a sample larger
+    than the whole budget goes alone). Returns the micro-batches and the cursor after them.
+    """
+    batches: list[MicroBatch] = []
+    current: list[TrainItem] = []
+    used = 0
+    while True:
+        item = dataset[cursor % len(dataset)]
+        planned = plan_reference_sizes(item["reference_sizes"], pixel_budget, multiple=multiple, mode=budget_mode)
+        n = sample_tokens(tuple(item["target"].shape[1:]), planned, multiple)
+        if current and used + n > token_budget:
+            batches.append(MicroBatch(len(batches), current))
+            current, used = [], 0
+            if len(batches) == count:
+                return batches, cursor
+        current.append(TrainItem(cursor, item["prompt"], item["target"], item["references"], planned, n))
+        used += n
+        cursor += 1
+
+
+def _encode_group(pipe, images: list[Tensor], size: tuple[int, int]) -> list[Tensor]:
+    # through PIL, as the pipeline receives images: training and inference resize the same way
+    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
+    x = pipe.image_processor.preprocess(pil, size[0], size[1]).to(pipe.vae.device, pipe.vae.dtype)
+    if pipe._video_vae:
+        x = x[:, :, None]
+    z = pipe.vae.encode(x).latent_dist.mode()
+    z = z[:, :, 0] if pipe._video_vae else z
+    mean, std, scale = pipe._latent_stats(z.device, z.dtype)
+    return list(((z - mean) * scale / std).unbind(0))
+
+
+@torch.no_grad()
+def encode_micro_batch(pipe, batch: MicroBatch) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """VAE latents (normalized as the pipeline normalizes them) of every target and planned reference.
+
+    Images of the same planned size are encoded together. Returns ``(targets, references)``: one
+    ``(C, h, w)`` per sample, and per sample one per reference.
+    """
+    jobs: dict[tuple[int, int], list[tuple[int, int, Tensor]]] = {}
+    for i, it in enumerate(batch.items):
+        jobs.setdefault(tuple(it.target.shape[1:]), []).append((i, -1, it.target))
+        for k, (ref, size) in enumerate(zip(it.references, it.planned)):
+            jobs.setdefault(tuple(size), []).append((i, k, ref))
+    targets: list = [None] * len(batch.items)
+    refs: list[list] = [[None] * len(it.references) for it in batch.items]
+    for size, group in jobs.items():
+        latents = _encode_group(pipe, [img for _, _, img in group], size)
+        for (i, k, _), z in zip(group, latents):
+            if k < 0:
+                targets[i] = z
+            else:
+                refs[i][k] = z
+    return targets, refs

@@ -1,0 +1,294 @@
+"""MSGRPO: Flow-GRPO on multi-reference rollouts (the paper's RL stage).
+
+One RL step:
+  1. rollouts: ``prompts_per_step`` tasks x ``group_size`` samples (a group shares prompt and references),
+     split across ranks; each rank samples its share as ONE packed batch with SDE steps inside the
+     window (`uniref.sde_step_with_logprob`, storing latents and log-probs) and ODE steps outside;
+  2. rewards from a multi-source reward ``(N, S)``; advantages with `uniref.group_advantages` over the
+     whole global batch (groups may span ranks);
+  3. for each trained (window) timestep: recompute the step mean under the current policy (with grad),
+     `uniref.flow_grpo_loss` against the stored sample and old log-prob, backward; DeepSpeed accumulates
+     the gradients over the timesteps and steps once.
+Every noise tensor is keyed by (seed, step, global sample index), so ranks and resumes agree.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from uniref.grpo import flow_grpo_loss, group_advantages, sde_step_with_logprob
+from uniref.pipelines.edit import JointBatch
+from uniref.self import unpack_latents
+from uniref.synthetic import EDIT_KINDS, Task, sample_task
+from uniref.training.seeding import generator_for, seed_for
+
+__all__ = ["Rollout", "RewardFn", "load_reward", "phase_at", "rollout", "rollout_tasks", "train_on_rollout", "window"]
+
+
+@dataclass
+class RewardFn:
+    """A multi-source reward: ``fn(tasks, images (N, 3, H, W) float in [0, 1]) -> (N, S)``, its source
+    names, and the overall score logged beside the sources."""
+
+    fn: Callable
+    names: tuple[str, ...] | None
+    overall: Callable[[Tensor], Tensor] | None
+
+
+def load_reward(spec: str) -> RewardFn:
+    """``"synthetic"`` (the world's integration, consistency, quality) or ``"module:function"``."""
+    if spec == "synthetic":
+        from uniref.synthetic import REWARD_NAMES, combine, score_batch
+
+        return RewardFn(score_batch, tuple(REWARD_NAMES), combine)
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"msgrpo.reward: cannot import {spec!r} ({exc})") from exc
+    if not callable(fn):
+        raise ValueError(f"msgrpo.reward: {spec!r} is not callable")
+    return RewardFn(fn, getattr(fn, "names", None), None)
+
+
+def phase_at(msgrpo_cfg, step: int):
+    """The phase that RL step ``step`` (0-based) belongs to."""
+    for phase in msgrpo_cfg.phases:
+        if step < phase.steps:
+            return phase
+        step -= phase.steps
+    return msgrpo_cfg.phases[-1]
+
+
+def window(msgrpo_cfg) -> range:
+    """The SDE (trained) steps; by default every step but the last, an ODE step onto clean latents."""
+    start, stop = msgrpo_cfg.sde_window or (0, msgrpo_cfg.num_steps - 1)
+    return range(start, stop)
+
+
+def rollout_tasks(msgrpo_cfg, data_cfg, seed: int, step: int) -> list[Task]:
+    """The step's global list of tasks, one per group. With ``prompt_pool`` they cycle through a fixed pool."""
+    phase = phase_at(msgrpo_cfg, step)
+    lo, hi = phase.num_refs or data_cfg.num_refs
+    kinds = list(data_cfg.edit_kinds or EDIT_KINDS)
+    tasks = []
+    for j in range(msgrpo_cfg.prompts_per_step):
+        index = step * msgrpo_cfg.prompts_per_step + j
+        if msgrpo_cfg.prompt_pool is not None:
+            index %= msgrpo_cfg.prompt_pool
+        rng = torch.Generator().manual_seed(seed_for(seed, "rl-task", phase.data, index))
+        family = phase.data
+        if family == "mixed":
+            family = "compose" if torch.rand(1, generator=rng).item() < data_cfg.compose_ratio else "edit"
+        task_seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+        if family == "compose":
+            k = int(torch.randint(lo, hi + 1, (1,), generator=rng))
+            tasks.append(sample_task(task_seed, "compose", k, data_cfg.size, "train"))
+        else:
+            kind = kinds[int(torch.randint(0, len(kinds), (1,), generator=rng))]
+            tasks.append(sample_task(task_seed, kind, None, data_cfg.size, "train"))
+    return tasks
+
+
+@dataclass
+class Rollout:
+    """This rank's share of a step's rollouts (N local samples, all with one target size)."""
+
+    tasks: list[Task]
+    group_ids: Tensor  # (N,) global task index
+    prompts: list[str]
+    batch: JointBatch
+    sigmas: Tensor  # (N, num_steps + 1)
+    states: list[Tensor]  # num_steps + 1 packed target states (T_target, F)
+    log_probs: dict[int, Tensor]  # trained step -> (N,)
+    images: Tensor  # (N, 3, H, W) in [0, 1]
+    rewards: Tensor | None = None  # (N, S)
+    advantages: Tensor | None = None  # (N,)
+
+
+def _per_sample(x: Tensor, n: int) -> Tensor:
+    return x.reshape(n, -1, x.shape[-1])
+
+
+def _model_fn(engine, prompts: list[str], negatives: list[str], images):
+    all_prompts = prompts + negatives if negatives else prompts
+    all_images = images + images if negatives else images
+
+    def fn(layout, t, hidden):
+        return engine(layout, all_prompts, t, hidden, all_images)
+
+    return fn
+
+
+@torch.no_grad()
+def rollout(engine, pipe, tasks: list[Task], msgrpo_cfg, seed: int, step: int, rank: int, world: int) -> Rollout:
+    """Samples this rank's share of ``len(tasks) * group_size`` rollouts with per-step log-probs."""
+    from uniref.training.data import encode_micro_batch, MicroBatch, TrainItem  # noqa: F401
+
+    g_size = msgrpo_cfg.group_size
+    total = len(tasks) * g_size
+    if total % world:
+        raise ValueError(
+            f"msgrpo.prompts_per_step x group_size = {total} rollouts do not split evenly over {world} ranks; "
+            "make it a multiple of the number of processes"
+        )
+    n = total // world
+    rows = list(range(rank * n, (rank + 1) * n))
+    local_tasks = [tasks[r // g_size] for r in rows]
+    device = pipe.vae.device
+    dtype = next(engine.module.parameters()).dtype if hasattr(engine, "module") else torch.float32
+
+    # references: planned under the pixel budget, encoded once per task
+    f, p = pipe.vae_scale_factor, pipe.patch_size
+    encoded: dict[int, list[Tensor]] = {}
+    for r in rows:
+        ti = r // g_size
+        if ti not in encoded:
+            t = tasks[ti]
+            sizes = pipe.plan_sizes([t.images], msgrpo_cfg.pixel_budget, msgrpo_cfg.budget_mode, None, None)[0][1]
+            encoded[ti] = [pipe.encode_image(img, s).to(device, dtype) for img, s in zip(t.images, sizes)]
+    size = {t.spec.size for t in local_tasks}
+    if len(size) != 1:
+        raise ValueError(f"MSGRPO needs one target size per rollout batch, got {sorted(size)}")
+    side = size.pop()
+    c = pipe.latent_channels
+    gens = [generator_for(seed, "rollout", step, r) for r in rows]
+    noise = [torch.randn((c, side // f, side // f), generator=gen).to(device, dtype) for gen in gens]
+    guided = msgrpo_cfg.cfg_scale > 1
+    batch = JointBatch.build(noise, [encoded[r // g_size] for r in rows], 2 if guided else 1, p)
+    prompts = [t.prompt for t in local_tasks]
+    images = [list(t.images) for t in local_tasks]
+    model_fn = _model_fn(engine, prompts, [""] * n if guided else [], images)
+
+    per_sample_tokens = batch.targets.tokens.shape[0] // n
+    schedulers = pipe.make_schedulers([per_sample_tokens] * n, msgrpo_cfg.num_steps, device)
+    sigmas = torch.stack([s.sigmas.float() for s in schedulers]).to(device)  # (N, steps + 1)
+    trained = window(msgrpo_cfg)
+    state = batch.targets.tokens
+    states, log_probs = [state], {}
+    for k in range(msgrpo_cfg.num_steps):
+        s, s_next = sigmas[:, k], sigmas[:, k + 1]
+        v = batch.velocity(model_fn, state, s.to(dtype), msgrpo_cfg.cfg_scale)
+        x = _per_sample(state, n)
+        if k in trained:
+            z = torch.stack([torch.randn(x.shape[1:], generator=gen) for gen in gens]).to(device)
+            x_next, _, log_prob, _ = sde_step_with_logprob(
+                x, _per_sample(v, n), s, s_next, msgrpo_cfg.noise_level, msgrpo_cfg.kind, noise=z
+            )
+            log_probs[k] = log_prob
+        else:  # deterministic Euler (ODE) step
+            x_next = x.float() + (s_next - s).view(-1, 1, 1) * _per_sample(v, n).float()
+        state = x_next.reshape(state.shape)
+        states.append(state)
+
+    latents = torch.stack([sample[0] for sample in unpack_latents(state.to(dtype), batch.targets)])
+    mean, std, scale = pipe._latent_stats(device, pipe.vae.dtype)
+    decoded = pipe.vae.decode((latents.to(pipe.vae.dtype) * std / scale + mean), return_dict=False)[0]
+    images_out = ((decoded.float() + 1) / 2).clamp(0, 1)
+    group_ids = torch.tensor([step * len(tasks) + r // g_size for r in rows], device=device)
+    return Rollout(local_tasks, group_ids, prompts, batch, sigmas, states, log_probs, images_out)
+
+
+def score_rollout(ro: Rollout, reward: RewardFn, msgrpo_cfg) -> dict:
+    """Fills ``ro.rewards`` and ``ro.advantages`` (collective over ranks); returns the reward statistics."""
+    rewards = reward.fn(ro.tasks, ro.images.cpu())
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    if rewards.ndim == 1:
+        rewards = rewards[:, None]
+    if rewards.ndim != 2 or rewards.shape[0] != len(ro.tasks):
+        raise ValueError(f"msgrpo.reward returned shape {tuple(rewards.shape)}; it must return (N, S) for N = {len(ro.tasks)}")
+    weights = msgrpo_cfg.reward_weights
+    if weights is not None and len(weights) != rewards.shape[1]:
+        raise ValueError(f"msgrpo.reward_weights has {len(weights)} entries for {rewards.shape[1]} reward sources")
+    finite = bool(torch.isfinite(rewards).all())
+    if not finite:
+        bad = int((~torch.isfinite(rewards)).any(1).nonzero()[0])
+        raise FloatingPointError(
+            f"non-finite reward for rollout {bad} (task: {ro.tasks[bad].prompt!r}); the run stops here, the last "
+            "checkpoint is intact"
+        )
+    adv, stats = group_advantages(rewards, ro.group_ids.cpu(), weights=weights, aggregate=msgrpo_cfg.aggregate,
+                                  std=msgrpo_cfg.adv_std, clip=msgrpo_cfg.adv_clip)
+    ro.rewards, ro.advantages = rewards, adv
+    names = reward.names or tuple(f"source{i}" for i in range(rewards.shape[1]))
+    out = {f"reward/{name}": float(m) for name, m in zip(names, stats["source_mean"])}
+    w = torch.tensor(weights or [1.0] * rewards.shape[1])
+    local = {"reward/weighted": (rewards * w).sum(1).mean()}
+    if reward.overall is not None:
+        local["reward/overall"] = reward.overall(rewards).mean()
+    out.update(_global_mean(local))
+    out["zero_std_fraction"] = float(stats["zero_std_fraction"])
+    return out
+
+
+def _global_mean(values: dict[str, Tensor]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64) for k in keys])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, t)}
+
+
+def train_on_rollout(engine, ro: Rollout, msgrpo_cfg, ref_model=None, adapters_off=None) -> dict:
+    """Accumulates the clipped policy loss over the trained timesteps (one DeepSpeed micro-step each).
+
+    ``ref_model`` / ``adapters_off``: the frozen reference policy for the KL term (a copy of the
+    starting model, or a context manager that disables LoRA adapters), needed when ``kl_beta > 0``.
+    """
+    n = len(ro.tasks)
+    guided = msgrpo_cfg.cfg_scale > 1
+    negatives = [""] * n if guided else []
+    images = [list(t.images) for t in ro.tasks]
+    model_fn = _model_fn(engine, ro.prompts, negatives, images)
+    dtype = next(engine.module.parameters()).dtype if hasattr(engine, "module") else torch.float32
+    adv = ro.advantages.to(ro.states[0].device)
+    stats = {"loss": [], "clip_fraction": [], "kl": [], "ratio": []}
+    for k in sorted(ro.log_probs):
+        s, s_next = ro.sigmas[:, k], ro.sigmas[:, k + 1]
+        state, x_next = ro.states[k], _per_sample(ro.states[k + 1], n)
+        v = ro.batch.velocity(model_fn, state.to(dtype), s.to(dtype), msgrpo_cfg.cfg_scale)
+        _, mean, _, step_std = sde_step_with_logprob(
+            _per_sample(state, n), _per_sample(v, n), s, s_next, msgrpo_cfg.noise_level, msgrpo_cfg.kind,
+            prev_sample=x_next,
+        )
+        mean_ref = None
+        if msgrpo_cfg.kl_beta > 0:
+            with torch.no_grad():
+                if adapters_off is not None:
+                    with adapters_off():
+                        v_ref = ro.batch.velocity(model_fn, state.to(dtype), s.to(dtype), msgrpo_cfg.cfg_scale)
+                else:
+                    ref_fn = _model_fn(ref_model, ro.prompts, negatives, images)
+                    v_ref = ro.batch.velocity(ref_fn, state.to(dtype), s.to(dtype), msgrpo_cfg.cfg_scale)
+                _, mean_ref, _, _ = sde_step_with_logprob(
+                    _per_sample(state, n), _per_sample(v_ref, n), s, s_next, msgrpo_cfg.noise_level,
+                    msgrpo_cfg.kind, prev_sample=x_next,
+                )
+        loss, st = flow_grpo_loss(x_next, mean, ro.log_probs[k], adv, step_std, msgrpo_cfg.clip_range,
+                                  mean_ref=mean_ref, beta=msgrpo_cfg.kl_beta, kind=msgrpo_cfg.kind)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite MSGRPO loss at rollout step {k}; the run stops here, the last checkpoint is intact"
+            )
+        engine.backward(loss)
+        engine.step()
+        stats["loss"].append(loss.detach())
+        stats["clip_fraction"].append(st["clip_fraction"])
+        stats["kl"].append(st["kl"].mean())
+        stats["ratio"].append(st["ratio"])
+    ratio = torch.cat(stats["ratio"])
+    local = {
+        "loss": torch.stack(stats["loss"]).mean(),
+        "clip_fraction": torch.stack(stats["clip_fraction"]).float().mean(),
+        "kl": torch.stack(stats["kl"]).mean(),
+        "ratio_mean": ratio.mean(),
+        "ratio_abs_dev_max": (ratio - 1).abs().max(),
+    }
+    return _global_mean(local)

@@ -1,0 +1,287 @@
+"""The training loop behind ``training/run.py``: DeepSpeed setup, SFT stages or MSGRPO phases,
+checkpoints, metrics, the exported pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from uniref.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from uniref.training.config import ConfigError, TrainConfig
+from uniref.training.metrics import MetricsLog, plot_curves
+from uniref.training.modules import EditModel, adapters_disabled, build_pipeline, merged_pipeline
+
+__all__ = ["deepspeed_config", "lr_lambda", "train"]
+
+
+# --------------------------------------------------------------------------------------------
+# Processes and DeepSpeed
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Joins (or, under plain ``python``, creates) the process group: gloo on CPU, nccl on GPUs."""
+    if "RANK" not in os.environ:  # plain `python training/run.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def accumulation_steps(cfg: TrainConfig, world: int) -> int:
+    """Micro-batches each rank accumulates per optimizer step."""
+    if cfg.task == "msgrpo":
+        from uniref.training.msgrpo import window
+
+        return len(window(cfg.msgrpo))
+    m = cfg.deepspeed.micro_batches_per_step
+    if m % world:
+        raise ConfigError(
+            f"deepspeed.micro_batches_per_step={m} does not divide among {world} processes; make it a multiple of "
+            f"{world} (each process accumulates micro_batches_per_step / world_size micro-batches)"
+        )
+    return m // world
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    """The DeepSpeed JSON: generated from the config, or ``deepspeed.config`` checked against it."""
+    gas = accumulation_steps(cfg, world)
+    if cfg.deepspeed.config is not None:
+        ds = json.loads(Path(cfg.deepspeed.config).read_text())
+        for key in ("optimizer", "scheduler"):
+            if key in ds:
+                raise ConfigError(f"deepspeed.config {cfg.deepspeed.config}: remove {key!r}; uniref sets it from optim")
+        if ds.get("gradient_accumulation_steps", gas) != gas:
+            raise ConfigError(
+                f"deepspeed.config {cfg.deepspeed.config}: gradient_accumulation_steps="
+                f"{ds['gradient_accumulation_steps']} but this run accumulates {gas} micro-batches per step"
+            )
+        ds.update(gradient_accumulation_steps=gas, train_micro_batch_size_per_gpu=1)
+        ds.pop("train_batch_size", None)
+        return ds
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # one packed micro-batch (a token budget, not a sample count)
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.deepspeed.bf16},
+        "steps_per_print": 2**31 - 1,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float):
+    """LR multiplier at an optimizer step: linear warmup, then cosine to ``min_ratio`` (or constant)."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def optimizer_lr(engine) -> float:
+    """The learning rate the coming optimizer step uses."""
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` is finite on every rank (all ranks must call it, so all stop together)."""
+    flag = torch.tensor([0.0 if bool(torch.isfinite(t).all()) else 1.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag)
+    return float(flag) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def _stage_at(stages, step: int) -> int:
+    for i, st in enumerate(stages):
+        if step < st.steps:
+            return i
+        step -= st.steps
+    return len(stages) - 1
+
+
+def _sft_step(engine, pipe, cfg: TrainConfig, state: dict, rank: int, world: int, gas: int) -> dict:
+    from uniref.training.data import make_dataset, plan_micro_batches
+    from uniref.training.sft import sft_loss
+
+    step = state["step"]
+    stage = _stage_at(cfg.sft.stages, step)
+    budget = cfg.sft.stages[stage].pixel_budget
+    dataset = make_dataset(cfg.data, cfg.seed)
+    batches, cursor = plan_micro_batches(
+        dataset, state["cursor"], gas * world, budget, cfg.sft.budget_mode, cfg.sft.token_budget,
+        multiple=pipe.vae_scale_factor * pipe.patch_size,
+    )
+    mine = batches[rank::world]
+    losses, tokens, samples = [], 0, 0
+    for mb in mine:
+        loss, st = sft_loss(engine, pipe, mb, cfg.sft, cfg.seed, step)
+        if not _all_finite(loss.detach()):
+            raise FloatingPointError(
+                f"non-finite SFT loss at step {step} (stage {stage}, budget {budget}); the run stops here and the "
+                "last checkpoint is intact: lower optim.lr or check the data"
+            )
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+        tokens += st["tokens"]
+        samples += st["samples"]
+    state.update(cursor=cursor, stage=stage)
+    local = torch.tensor([float(torch.stack(losses).mean()), tokens, samples], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(local)
+    return {"loss": float(local[0]) / world, "tokens": int(local[1]), "samples": int(local[2]),
+            "stage": stage, "pixel_budget": budget}
+
+
+def _msgrpo_step(engine, pipe, cfg: TrainConfig, state: dict, rank: int, world: int, reward, ref) -> dict:
+    from uniref.training.msgrpo import phase_at, rollout, rollout_tasks, score_rollout, train_on_rollout
+
+    step = state["step"]
+    tasks = rollout_tasks(cfg.msgrpo, cfg.data, cfg.seed, step)
+    ro = rollout(engine, pipe, tasks, cfg.msgrpo, cfg.seed, step, rank, world)
+    scores = score_rollout(ro, reward, cfg.msgrpo)
+    ref_model, adapters_off = ref
+    train = train_on_rollout(engine, ro, cfg.msgrpo, ref_model=ref_model, adapters_off=adapters_off)
+    state["rl_step"] = step + 1
+    return {**scores, **train, "phase": phase_at(cfg.msgrpo, step).data}
+
+
+def _export(engine, pipe, cfg: TrainConfig, out: Path, rank: int) -> Path:
+    import deepspeed
+
+    final = out / "final"
+    params = list(engine.module.parameters())
+    # ZeRO-3 holds each parameter in shards: gather them (all ranks) before rank 0 writes the whole model
+    gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+              if cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext())
+    with gather:
+        if rank == 0:
+            tmp = out / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            merged_pipeline(pipe, engine.module).save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    return final
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> Path:
+    """Runs a whole training job; returns the output folder. Every rank calls it."""
+    import deepspeed
+
+    rank, world, device = setup_distributed()
+    out = Path(cfg.output)
+    gas = accumulation_steps(cfg, world)
+    ds_config = deepspeed_config(cfg, world)
+    torch.manual_seed(cfg.seed)
+
+    pipe = build_pipeline(cfg.model, cfg.seed).to(device)
+    model = EditModel(pipe.transformer, pipe.text_encoder, cfg.model.train_text_encoder, cfg.model.lora)
+    lora = cfg.model.lora is not None
+    ref_model = None
+    if cfg.task == "msgrpo" and cfg.msgrpo.kl_beta > 0 and not lora:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.total_steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
+    )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        model_parameters=trainable,
+    )
+
+    state = {"step": 0, "cursor": 0, "stage": 0, "rl_step": 0}
+    checkpoint = find_checkpoint(resume, out) if resume else None
+    if checkpoint is not None:
+        state.update(load_checkpoint(engine, checkpoint, exclude_frozen=lora))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+    log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0, resume_step=state["step"])
+    if rank == 0 and checkpoint is not None:
+        log.info(f"resumed from {checkpoint} at step {state['step']}")
+
+    reward = None
+    if cfg.task == "msgrpo":
+        from uniref.training.msgrpo import load_reward
+
+        reward = load_reward(cfg.msgrpo.reward)
+    ref = (ref_model, (lambda: adapters_disabled(engine.module.transformer)) if lora else None)
+
+    total = cfg.total_steps
+    bar = None
+    if rank == 0 and cfg.log.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=state["step"], desc=cfg.task, dynamic_ncols=True)
+    while state["step"] < total:
+        t0 = time.perf_counter()
+        lr = optimizer_lr(engine)
+        if cfg.task == "sft":
+            metrics = _sft_step(engine, pipe, cfg, state, rank, world, gas)
+        else:
+            metrics = _msgrpo_step(engine, pipe, cfg, state, rank, world, reward, ref)
+        grad_norm = engine.get_global_grad_norm()
+        metrics.update(
+            step=state["step"] + 1, lr=lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            seconds=time.perf_counter() - t0,
+        )
+        if "tokens" in metrics:
+            metrics["tokens_per_s"] = metrics["tokens"] / metrics["seconds"]
+        state["step"] += 1
+        if state["step"] % cfg.log.every == 0 or state["step"] == total:
+            log.write(metrics)
+        if bar is not None:
+            bar.update(1)
+            key = "loss" if cfg.task == "sft" else "reward/weighted"
+            bar.set_postfix({key: f"{metrics[key]:.4f}"})
+        if state["step"] % cfg.checkpoint.every == 0 or state["step"] == total:
+            save_checkpoint(engine, out, state["step"], state, cfg.checkpoint.keep_last, exclude_frozen=lora)
+    if bar is not None:
+        bar.close()
+    _export(engine, pipe, cfg, out, rank)
+    if rank == 0 and cfg.log.plot:
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+    if dist.is_initialized():
+        dist.barrier()
+    return out
