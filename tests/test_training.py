@@ -222,13 +222,16 @@ def test_msgrpo_raises_the_mean_reward(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_two_process_zero2_matches_one_process(tmp_path):
-    path = _write(tmp_path, SFT)
+@pytest.mark.parametrize("task", ["sft", "msgrpo"])
+def test_two_process_zero2_matches_one_process(tmp_path, task):
+    path = _write(tmp_path, SFT if task == "sft" else MSGRPO)
     one, two = tmp_path / "one", tmp_path / "two"
     _run(path, one)
     _run(path, two, procs=2)
-    assert _metric(one, "samples") == _metric(two, "samples")  # the same global batches
-    torch.testing.assert_close(torch.tensor(_metric(two, "loss")), torch.tensor(_metric(one, "loss")), rtol=1e-4, atol=1e-5)
+    key = "loss" if task == "sft" else "reward/weighted"
+    if task == "sft":
+        assert _metric(one, "samples") == _metric(two, "samples")  # the same global batches
+    torch.testing.assert_close(torch.tensor(_metric(two, key)), torch.tensor(_metric(one, key)), rtol=1e-4, atol=1e-5)
     w1, w2 = _weights(one), _weights(two)
     assert w1.keys() == w2.keys()
     for k in w1:
@@ -259,6 +262,43 @@ def test_killed_run_resumes_bitwise(tmp_path):
     assert strip(read_metrics(killed / "metrics.jsonl")) == strip(read_metrics(ref / "metrics.jsonl"))
     assert [p.name for p in list_checkpoints(killed)] == ["step-00000014", "step-00000016"]  # keep_last 2
     assert not list((killed / "checkpoints").glob(".tmp-*"))
+
+
+def test_sft_loss_unit_and_gradient_checkpointing():
+    """In-process: the loss is the velocity MSE on target tokens, and checkpointing changes nothing."""
+    from uniref.testing import random_edit_pipeline
+    from uniref.training.data import make_dataset, plan_micro_batches
+    from uniref.training.modules import EditModel
+    from uniref.training.sft import sft_loss
+
+    cfg = load_config(base=SFT)
+    data = make_dataset(cfg.data, cfg.seed)
+    (batch,), cursor = plan_micro_batches(data, 5, 1, 4096, "global", 160)
+    assert cursor == 5 + len(batch.items) and batch.tokens <= 160
+    results = []
+    for checkpointing in (False, True):
+        pipe = random_edit_pipeline("tiny", seed=0)
+        model = EditModel(pipe.transformer.train(), pipe.text_encoder, train_text_encoder=True)
+        if checkpointing:
+            pipe.transformer.enable_gradient_checkpointing()
+        loss, stats = sft_loss(model, pipe, batch, cfg.sft, seed=0, step=7)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+        assert stats["samples"] == len(batch.items)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    assert sum(g is not None for g in results[0][1]) > 10
+    for g0, g1 in zip(results[0][1], results[1][1]):
+        assert (g0 is None) == (g1 is None)
+        if g0 is not None:
+            torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-7)
+    again, _ = sft_loss(model, pipe, batch, cfg.sft, seed=0, step=7)  # keyed noise: the same loss again
+    torch.testing.assert_close(again.detach(), results[1][0], rtol=1e-6, atol=0)
+
+
+def test_missing_pretrained_folder_is_a_clear_error(tmp_path):
+    path = _write(tmp_path, {**SFT, "model": {"pretrained": str(tmp_path / "nope")}})
+    proc = _run(path, tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "is not a saved pipeline folder" in proc.stderr
 
 
 def test_resume_argument_errors(tmp_path):

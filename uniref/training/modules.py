@@ -31,6 +31,13 @@ def build_pipeline(model_cfg, seed: int):
                                     transformer_overrides=model_cfg.overrides)
     elif model_cfg.pretrained is not None:
         path = None if model_cfg.pretrained == "default" else Path(model_cfg.pretrained)
+        if path is not None and not (path / "model_index.json").is_file():
+            from uniref.training.config import ConfigError
+
+            raise ConfigError(
+                f"model.pretrained: {path} is not a saved pipeline folder (no model_index.json); point it at a "
+                "run's <output>/final or a UniRefEditPipeline.save_pretrained folder"
+            )
         pipe = UniRefEditPipeline.from_pretrained(path)
         pipe.transformer.register_to_config(attention_backend=model_cfg.attention_backend)
     else:
