@@ -295,10 +295,14 @@ def test_sft_loss_unit_and_gradient_checkpointing():
     torch.testing.assert_close(again.detach(), results[1][0], rtol=1e-6, atol=0)
 
 
-def test_missing_pretrained_folder_is_a_clear_error(tmp_path):
+def test_bad_model_or_reward_is_a_clear_error(tmp_path):
     path = _write(tmp_path, {**SFT, "model": {"pretrained": str(tmp_path / "nope")}})
     proc = _run(path, tmp_path / "out", check=False)
     assert proc.returncode == 2 and "is not a saved pipeline folder" in proc.stderr
+    bad_reward = json.loads(json.dumps(MSGRPO))
+    bad_reward["msgrpo"]["reward"] = "no_such_module:fn"
+    proc = _run(_write(tmp_path, bad_reward, "r.yaml"), tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "msgrpo.reward: cannot import" in proc.stderr
 
 
 def test_resume_argument_errors(tmp_path):
@@ -381,3 +385,23 @@ def test_curves_png_is_written(tmp_path):
     from PIL import Image
 
     assert Image.open(out / "curves.png").size[0] > 100
+
+
+def test_vae_task_learns_and_feeds_a_preset(tmp_path):
+    from diffusers import AutoencoderKL
+
+    cfg = load_config(ROOT / "training" / "configs" / "tiny_vae.yaml").to_dict()
+    cfg["log"] = {"progress": False, "plot": False}
+    out = tmp_path / "vae"
+    _run(_write(tmp_path, cfg), out)
+    mse = _metric(out, "mse")
+    assert sum(mse[-5:]) / 5 < 0.5 * sum(mse[:5]) / 5, mse
+    vae = AutoencoderKL.from_pretrained(out / "final")
+    assert vae.config.scaling_factor != 1.0 and vae.config.latent_channels == 4
+    sft = {**SFT, "model": {"preset": "tiny", "vae": str(out / "final"), "train_text_encoder": True},
+           "sft": {"stages": [{"pixel_budget": 4096, "steps": 2}], "token_budget": 400}}
+    _run(_write(tmp_path, sft, "sft.yaml"), tmp_path / "sft")
+    assert json.loads((tmp_path / "sft" / "final" / "vae" / "config.json").read_text())["block_out_channels"] == [16, 32, 32]
+    bad = {**sft, "model": {**sft["model"], "vae": str(tmp_path)}}
+    with pytest.raises(ConfigError, match="model.vae: .* is not a saved AutoencoderKL folder"):
+        load_config(base=bad)

@@ -7,9 +7,10 @@ micro-batch count that does not divide among the ranks, LoRA on a frozen model, 
 
 The tree (defaults in the dataclasses below; `training/configs/*.yaml` are complete examples):
 
-    task: sft | msgrpo
+    task: vae | sft | msgrpo
     seed, output
-    model:      preset | pretrained | qwen_image_edit, train_text_encoder, gradient_checkpointing, lora
+    vae:        (task vae) the autoencoder's geometry, steps, images per micro-batch, KL weight
+    model:      preset | pretrained | qwen_image_edit, vae, train_text_encoder, gradient_checkpointing, lora
     data:       the synthetic world's stream (size, compose_ratio, num_refs, edit_kinds)
     optim:      lr, betas, weight_decay, eps, warmup_steps, schedule, grad_clip
     deepspeed:  zero_stage, bf16, micro_batches_per_step, config (an explicit DeepSpeed JSON)
@@ -42,6 +43,7 @@ __all__ = [
     "SFTConfig",
     "StageConfig",
     "TrainConfig",
+    "VAEConfig",
     "load_config",
 ]
 
@@ -75,12 +77,14 @@ class ModelConfig:
     ``pretrained``: a local `UniRefEditPipeline.save_pretrained` folder, or ``default`` for the shipped model;
     ``qwen_image_edit``: a local diffusers ``QwenImageEditPlusPipeline`` folder (real-scale runs).
     ``overrides``: transformer config keys replacing the preset's (e.g. ``num_layers``).
+    ``vae``: a trained `AutoencoderKL` folder (a ``task: vae`` run's ``final``) replacing the preset's VAE.
     """
 
     preset: str | None = None
     pretrained: str | None = None
     qwen_image_edit: str | None = None
     overrides: dict = field(default_factory=dict)
+    vae: str | None = None
     train_text_encoder: bool = False
     gradient_checkpointing: bool = False
     attention_backend: str = "auto"
@@ -125,6 +129,21 @@ class DeepSpeedConfig:
     bf16: bool = False
     micro_batches_per_step: int = 1
     config: str | None = None
+
+
+@dataclass
+class VAEConfig:
+    """``task: vae``: a diffusers `AutoencoderKL` trained to reconstruct the world's images (targets and
+    references, resized to ``data.size``): MSE plus ``kl_weight`` x KL. Each block after the first halves
+    the resolution. The export sets ``shift_factor`` / ``scaling_factor`` to the latents' mean and 1/std."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    latent_channels: int = 8
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    steps: int = 1000
+    batch_size: int = 16
+    kl_weight: float = 1e-6
 
 
 @dataclass
@@ -203,6 +222,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     msgrpo: MSGRPOConfig = field(default_factory=MSGRPOConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -211,6 +231,8 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         """Optimizer steps of the whole run."""
+        if self.task == "vae":
+            return self.vae.steps
         if self.task == "sft":
             return sum(s.steps for s in self.sft.stages)
         return sum(p.steps for p in self.msgrpo.phases)
@@ -333,13 +355,19 @@ def _check(cfg: TrainConfig, errors: list[str]) -> None:
             low < v if strict else low <= v) and v <= high
         need(ok, f"{key}: must be a finite number in {'(' if strict else '['}{low}, {high}], got {v!r}")
 
-    need(cfg.task in ("sft", "msgrpo"), f"task: must be 'sft' or 'msgrpo', got {cfg.task!r}")
+    need(cfg.task in ("vae", "sft", "msgrpo"), f"task: must be 'vae', 'sft' or 'msgrpo', got {cfg.task!r}")
     positive_int(cfg.seed, "seed", 0)
     need(isinstance(cfg.output, str) and bool(cfg.output), "output: must be a non-empty path")
 
     m = cfg.model
     sources = [k for k in ("preset", "pretrained", "qwen_image_edit") if getattr(m, k) is not None]
-    need(len(sources) == 1, f"model: give exactly one of preset, pretrained, qwen_image_edit (got {sources or 'none'})")
+    if cfg.task == "vae":
+        need(not sources, f"model: a vae task trains its own autoencoder (the vae section); remove model.{sources}")
+    else:
+        need(len(sources) == 1, f"model: give exactly one of preset, pretrained, qwen_image_edit (got {sources or 'none'})")
+    if m.vae is not None:
+        need(m.preset is not None, "model.vae: replaces a preset's VAE; a pretrained pipeline keeps its own")
+        need(Path(m.vae, "config.json").is_file(), f"model.vae: {m.vae} is not a saved AutoencoderKL folder (no config.json)")
     if m.preset is not None:
         need(m.preset in CONFIGS, f"model.preset: must be one of {tuple(CONFIGS)}, got {m.preset!r}")
     if m.overrides and m.preset is None:
@@ -385,7 +413,17 @@ def _check(cfg: TrainConfig, errors: list[str]) -> None:
     if ds.config is not None and not Path(ds.config).is_file():
         errors.append(f"deepspeed.config: {ds.config} is not a file; give a DeepSpeed JSON or remove the key")
 
-    if cfg.task == "sft":
+    if cfg.task == "vae":
+        v = cfg.vae
+        need(bool(v.block_out_channels) and all(isinstance(c, int) and c > 0 and c % v.norm_num_groups == 0
+                                                for c in v.block_out_channels),
+             f"vae.block_out_channels: must be positive multiples of vae.norm_num_groups={v.norm_num_groups}")
+        positive_int(v.latent_channels, "vae.latent_channels")
+        positive_int(v.layers_per_block, "vae.layers_per_block")
+        positive_int(v.steps, "vae.steps")
+        positive_int(v.batch_size, "vae.batch_size")
+        number(v.kl_weight, "vae.kl_weight", 0.0)
+    elif cfg.task == "sft":
         s = cfg.sft
         need(bool(s.stages), "sft.stages: give at least one {pixel_budget, steps} stage")
         for i, st in enumerate(s.stages):

@@ -29,6 +29,13 @@ def build_pipeline(model_cfg, seed: int):
                 raise ConfigError(f"model.overrides: unknown transformer keys {sorted(unknown)}")
         pipe = random_edit_pipeline(model_cfg.preset, seed=seed, attention_backend=model_cfg.attention_backend,
                                     transformer_overrides=model_cfg.overrides)
+        if model_cfg.vae is not None:
+            from diffusers import AutoencoderKL
+
+            pipe = UniRefEditPipeline(  # re-checks that the trained VAE's latents fit the transformer
+                transformer=pipe.transformer, vae=AutoencoderKL.from_pretrained(model_cfg.vae), scheduler=pipe.scheduler,
+                text_encoder=pipe.text_encoder, target_pixels=pipe.config.target_pixels,
+            )
     elif model_cfg.pretrained is not None:
         path = None if model_cfg.pretrained == "default" else Path(model_cfg.pretrained)
         if path is not None and not (path / "model_index.json").is_file():

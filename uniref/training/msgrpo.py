@@ -47,13 +47,15 @@ def load_reward(spec: str) -> RewardFn:
         from uniref.synthetic import REWARD_NAMES, combine, score_batch
 
         return RewardFn(score_batch, tuple(REWARD_NAMES), combine)
+    from uniref.training.config import ConfigError
+
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"msgrpo.reward: cannot import {spec!r} ({exc})") from exc
+        raise ConfigError(f"msgrpo.reward: cannot import {spec!r} ({exc}); is its module on PYTHONPATH?") from exc
     if not callable(fn):
-        raise ValueError(f"msgrpo.reward: {spec!r} is not callable")
+        raise ConfigError(f"msgrpo.reward: {spec!r} is not callable")
     return RewardFn(fn, getattr(fn, "names", None), None)
 
 
@@ -129,16 +131,8 @@ def _model_fn(engine, prompts: list[str], negatives: list[str], images):
 @torch.no_grad()
 def rollout(engine, pipe, tasks: list[Task], msgrpo_cfg, seed: int, step: int, rank: int, world: int) -> Rollout:
     """Samples this rank's share of ``len(tasks) * group_size`` rollouts with per-step log-probs."""
-    from uniref.training.data import encode_micro_batch, MicroBatch, TrainItem  # noqa: F401
-
     g_size = msgrpo_cfg.group_size
-    total = len(tasks) * g_size
-    if total % world:
-        raise ValueError(
-            f"msgrpo.prompts_per_step x group_size = {total} rollouts do not split evenly over {world} ranks; "
-            "make it a multiple of the number of processes"
-        )
-    n = total // world
+    n = len(tasks) * g_size // world
     rows = list(range(rank * n, (rank + 1) * n))
     local_tasks = [tasks[r // g_size] for r in rows]
     device = pipe.vae.device

@@ -59,6 +59,12 @@ def accumulation_steps(cfg: TrainConfig, world: int) -> int:
     if cfg.task == "msgrpo":
         from uniref.training.msgrpo import window
 
+        rollouts = cfg.msgrpo.prompts_per_step * cfg.msgrpo.group_size
+        if rollouts % world:
+            raise ConfigError(
+                f"msgrpo.prompts_per_step x group_size = {rollouts} rollouts do not split evenly over {world} "
+                "processes; make it a multiple of the number of processes"
+            )
         return len(window(cfg.msgrpo))
     m = cfg.deepspeed.micro_batches_per_step
     if m % world:
@@ -170,6 +176,30 @@ def _sft_step(engine, pipe, cfg: TrainConfig, state: dict, rank: int, world: int
             "stage": stage, "pixel_budget": budget}
 
 
+def _vae_step(engine, cfg: TrainConfig, state: dict, rank: int, world: int, gas: int, device) -> dict:
+    from uniref.training.data import make_dataset
+    from uniref.training.vae import vae_images, vae_loss
+
+    step, per = state["step"], cfg.vae.batch_size
+    x, cursor = vae_images(make_dataset(cfg.data, cfg.seed), state["cursor"], per * gas * world, cfg.data.size)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for position in range(rank, gas * world, world):
+        loss, st = vae_loss(engine, x[position * per:(position + 1) * per].to(device), cfg.seed, step, position,
+                            cfg.vae.kl_weight)
+        if not _all_finite(loss.detach()):
+            raise FloatingPointError(
+                f"non-finite VAE loss at step {step}; the run stops here and the last checkpoint is intact: lower optim.lr"
+            )
+        engine.backward(loss)
+        engine.step()
+        sums += torch.tensor([float(loss), float(st["mse"]), float(st["kl"])], dtype=torch.float64)
+    state["cursor"] = cursor
+    if world > 1:
+        dist.all_reduce(sums)
+    loss, mse, kl = (sums / (gas * world)).tolist()
+    return {"loss": loss, "mse": mse, "kl": kl, "samples": per * gas * world}
+
+
 def _msgrpo_step(engine, pipe, cfg: TrainConfig, state: dict, rank: int, world: int, reward, ref) -> dict:
     from uniref.training.msgrpo import phase_at, rollout, rollout_tasks, score_rollout, train_on_rollout
 
@@ -187,6 +217,21 @@ def _export(engine, pipe, cfg: TrainConfig, out: Path, rank: int) -> Path:
     import deepspeed
 
     final = out / "final"
+    if cfg.task == "vae":
+        from uniref.training.data import make_dataset
+        from uniref.training.vae import latent_stats, vae_images
+
+        if rank == 0:
+            vae = copy.deepcopy(engine.module.vae).float().eval()
+            x, _ = vae_images(make_dataset(cfg.data, cfg.seed + 1), 0, 256, cfg.data.size)
+            mean, std = latent_stats(vae, x)
+            vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
+            tmp = out / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            vae.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        return final
     params = list(engine.module.parameters())
     # ZeRO-3 holds each parameter in shards: gather them (all ranks) before rank 0 writes the whole model
     gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
@@ -210,9 +255,20 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     gas = accumulation_steps(cfg, world)
     ds_config = deepspeed_config(cfg, world)
     torch.manual_seed(cfg.seed)
+    reward = None
+    if cfg.task == "msgrpo":
+        from uniref.training.msgrpo import load_reward
 
-    pipe = build_pipeline(cfg.model, cfg.seed).to(device)
-    model = EditModel(pipe.transformer, pipe.text_encoder, cfg.model.train_text_encoder, cfg.model.lora)
+        reward = load_reward(cfg.msgrpo.reward)
+
+    if cfg.task == "vae":
+        from uniref.training.vae import VAEModel, build_vae
+
+        pipe = None
+        model = VAEModel(build_vae(cfg.vae, cfg.seed).to(device).train())
+    else:
+        pipe = build_pipeline(cfg.model, cfg.seed).to(device)
+        model = EditModel(pipe.transformer, pipe.text_encoder, cfg.model.train_text_encoder, cfg.model.lora)
     lora = cfg.model.lora is not None
     ref_model = None
     if cfg.task == "msgrpo" and cfg.msgrpo.kl_beta > 0 and not lora:
@@ -240,11 +296,6 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     if rank == 0 and checkpoint is not None:
         log.info(f"resumed from {checkpoint} at step {state['step']}")
 
-    reward = None
-    if cfg.task == "msgrpo":
-        from uniref.training.msgrpo import load_reward
-
-        reward = load_reward(cfg.msgrpo.reward)
     ref = (ref_model, (lambda: adapters_disabled(engine.module.transformer)) if lora else None)
 
     total = cfg.total_steps
@@ -256,7 +307,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     while state["step"] < total:
         t0 = time.perf_counter()
         lr = optimizer_lr(engine)
-        if cfg.task == "sft":
+        if cfg.task == "vae":
+            metrics = _vae_step(engine, cfg, state, rank, world, gas, device)
+        elif cfg.task == "sft":
             metrics = _sft_step(engine, pipe, cfg, state, rank, world, gas)
         else:
             metrics = _msgrpo_step(engine, pipe, cfg, state, rank, world, reward, ref)
@@ -273,7 +326,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             log.write(metrics)
         if bar is not None:
             bar.update(1)
-            key = "loss" if cfg.task == "sft" else "reward/weighted"
+            key = "reward/weighted" if cfg.task == "msgrpo" else "loss"
             bar.set_postfix({key: f"{metrics[key]:.4f}"})
         if state["step"] % cfg.checkpoint.every == 0 or state["step"] == total:
             save_checkpoint(engine, out, state["step"], state, cfg.checkpoint.keep_last, exclude_frozen=lora)
