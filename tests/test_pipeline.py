@@ -2,6 +2,7 @@
 and the Qwen-Image-Edit-Plus path against diffusers' own pipeline (tiny random models, CPU)."""
 
 import json
+import shutil
 
 import numpy as np
 import PIL.Image
@@ -216,6 +217,43 @@ def test_save_and_load_round_trip(pipe, samples, tmp_path):
 def test_from_pretrained_without_folder_says_the_default_model_is_not_shipped():
     with pytest.raises(DefaultModelUnavailableError, match="default model is not shipped yet"):
         UniRefEditPipeline.from_pretrained()
+
+
+def _break_truncate(root):
+    f = root / "transformer" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _break_pickle_only(root):
+    f = root / "vae" / "diffusion_pytorch_model.safetensors"
+    f.rename(f.with_suffix(".bin"))  # a .bin next to the config: it must not be unpickled
+
+
+def _break_mismatch(root):
+    cfg = json.loads((root / "transformer" / "config.json").read_text())
+    cfg["num_attention_heads"] *= 2
+    (root / "transformer" / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda r: (r / "model_index.json").unlink(), "no model_index.json"),
+        (lambda r: (r / "model_index.json").write_text("{not json"), "model_index.json is corrupt"),
+        (lambda r: shutil.rmtree(r / "text_encoder"), "the text_encoder component is missing"),
+        (_break_pickle_only, "vae/ has no .safetensors weights"),
+        (_break_truncate, "cannot load the pipeline, a file is corrupt"),
+        (_break_mismatch, "cannot load the pipeline"),
+    ],
+    ids=["no-index", "corrupt-index", "missing-component", "pickle-only", "truncated", "mismatched"],
+)
+def test_loading_a_damaged_folder_is_a_clear_error(tmp_path, damage, message):
+    from uniref.pipelines import PipelineLoadError
+
+    random_edit_pipeline("tiny").save_pretrained(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(PipelineLoadError, match=message):
+        UniRefEditPipeline.from_pretrained(tmp_path)
 
 
 @settings(max_examples=25, deadline=None)

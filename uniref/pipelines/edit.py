@@ -11,7 +11,7 @@ and the image stream is rebuilt with `uniref.concat_joint`.
 from __future__ import annotations
 
 import importlib.util
-
+import json
 import math
 import numbers
 from collections.abc import Sequence
@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_MODEL_DIR",
     "DefaultModelUnavailableError",
     "JointBatch",
+    "PipelineLoadError",
     "UniRefEditPipeline",
     "UniRefEditPipelineOutput",
     "guided_velocity",
@@ -49,6 +50,40 @@ BUDGET_MODES = ("global", "per_image")
 
 class DefaultModelUnavailableError(FileNotFoundError):
     """`UniRefEditPipeline.from_pretrained()` was called without a folder, and no default model is shipped."""
+
+
+class PipelineLoadError(ValueError):
+    """A pipeline folder that cannot be loaded: missing, incomplete, corrupt or mismatched files."""
+
+
+_COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder")
+
+
+def check_pipeline_folder(path: Path) -> None:
+    """Checks a saved pipeline's layout before loading: every component present with its config, and
+    safetensors weights (the only format loaded; pickled ``.bin`` files are never opened).
+
+    Raises:
+        PipelineLoadError: naming the folder, the component and what is missing.
+    """
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise PipelineLoadError(
+            f"{path} is not a saved UniRefEditPipeline (no model_index.json); save one with save_pretrained"
+        )
+    try:
+        spec = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineLoadError(f"{index} is corrupt ({exc}); re-save the pipeline") from exc
+    for name in _COMPONENTS:
+        entry = spec.get(name) if isinstance(spec, dict) else None
+        folder = path / name
+        if not entry or entry == [None, None] or not folder.is_dir() or not any(folder.rglob("*.json")):
+            raise PipelineLoadError(f"{path}: the {name} component is missing (no {name}/ folder with its config)")
+        if name != "scheduler" and not any(folder.rglob("*.safetensors")):
+            raise PipelineLoadError(
+                f"{path}: {name}/ has no .safetensors weights (uniref loads safetensors only and never unpickles .bin)"
+            )
 
 
 @dataclass
@@ -581,9 +616,25 @@ class UniRefEditPipeline(DiffusionPipeline):
                 )
             pretrained_model_name_or_path = DEFAULT_MODEL_DIR
         kwargs.setdefault("local_files_only", True)
+        kwargs["use_safetensors"] = True  # never fall back to unpickling .bin files
         # diffusers' low-memory loading needs accelerate; without it, load plainly instead of warning.
         kwargs.setdefault("low_cpu_mem_usage", importlib.util.find_spec("accelerate") is not None)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            if kwargs["local_files_only"]:
+                raise PipelineLoadError(f"{path} is not a folder; pass a saved pipeline folder (save_pretrained)")
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        check_pipeline_folder(path)
+        try:
+            return super().from_pretrained(path, **kwargs)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            if isinstance(exc, PipelineLoadError):
+                raise
+            detail = " ".join(str(exc).split())[:400]
+            raise PipelineLoadError(
+                f"{path}: cannot load the pipeline, a file is corrupt or its components do not fit together "
+                f"({type(exc).__name__}: {detail})"
+            ) from exc
 
     @classmethod
     def from_qwenimage_edit(
