@@ -403,5 +403,5 @@ def test_vae_task_learns_and_feeds_a_preset(tmp_path):
     _run(_write(tmp_path, sft, "sft.yaml"), tmp_path / "sft")
     assert json.loads((tmp_path / "sft" / "final" / "vae" / "config.json").read_text())["block_out_channels"] == [16, 32, 32]
     bad = {**sft, "model": {**sft["model"], "vae": str(tmp_path)}}
-    with pytest.raises(ConfigError, match="model.vae: .* is not a saved AutoencoderKL folder"):
-        load_config(base=bad)
+    proc = _run(_write(tmp_path, bad, "bad.yaml"), tmp_path / "bad", check=False)
+    assert proc.returncode == 2 and "is not a saved AutoencoderKL folder" in proc.stderr

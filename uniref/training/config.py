@@ -367,7 +367,6 @@ def _check(cfg: TrainConfig, errors: list[str]) -> None:
         need(len(sources) == 1, f"model: give exactly one of preset, pretrained, qwen_image_edit (got {sources or 'none'})")
     if m.vae is not None:
         need(m.preset is not None, "model.vae: replaces a preset's VAE; a pretrained pipeline keeps its own")
-        need(Path(m.vae, "config.json").is_file(), f"model.vae: {m.vae} is not a saved AutoencoderKL folder (no config.json)")
     if m.preset is not None:
         need(m.preset in CONFIGS, f"model.preset: must be one of {tuple(CONFIGS)}, got {m.preset!r}")
     if m.overrides and m.preset is None:

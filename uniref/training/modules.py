@@ -32,6 +32,11 @@ def build_pipeline(model_cfg, seed: int):
         if model_cfg.vae is not None:
             from diffusers import AutoencoderKL
 
+            if not Path(model_cfg.vae, "config.json").is_file():
+                from uniref.training.config import ConfigError
+
+                raise ConfigError(f"model.vae: {model_cfg.vae} is not a saved AutoencoderKL folder (no config.json); "
+                                  "train one with a `task: vae` config")
             pipe = UniRefEditPipeline(  # re-checks that the trained VAE's latents fit the transformer
                 transformer=pipe.transformer, vae=AutoencoderKL.from_pretrained(model_cfg.vae), scheduler=pipe.scheduler,
                 text_encoder=pipe.text_encoder, target_pixels=pipe.config.target_pixels,

@@ -192,7 +192,7 @@ def _vae_step(engine, cfg: TrainConfig, state: dict, rank: int, world: int, gas:
             )
         engine.backward(loss)
         engine.step()
-        sums += torch.tensor([float(loss), float(st["mse"]), float(st["kl"])], dtype=torch.float64)
+        sums += torch.tensor([float(loss.detach()), float(st["mse"]), float(st["kl"])], dtype=torch.float64)
     state["cursor"] = cursor
     if world > 1:
         dist.all_reduce(sums)
