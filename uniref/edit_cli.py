@@ -293,7 +293,7 @@ def run_edit(args: argparse.Namespace) -> int:
         _check_output(args.output)
         images = [load_image(path) for path in args.image]
         pipe = _load_pipeline(args.model, args.device)
-        budget = pipe.config.target_pixels if args.pixel_budget is None else args.pixel_budget
+        budget = pipe.default_pixel_budget if args.pixel_budget is None else args.pixel_budget
         _check_budget(pipe, images, budget, args.budget_mode)
         pipe.set_progress_bar_config(desc="uniref edit", leave=False)
         try:

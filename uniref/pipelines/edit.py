@@ -221,7 +221,9 @@ class UniRefEditPipeline(DiffusionPipeline):
         text_encoder ([`PromptEncoder`]): [`ByteTextEncoder`] (small, text only) or [`QwenVLPromptEncoder`]
             (Qwen2.5-VL with the reference images, as Qwen-Image-Edit-Plus).
         target_pixels (`int`): default output area, the first reference's aspect ratio kept; 1024^2 for
-            Qwen-Image-sized models, the native size of a small model. Also the default ``pixel_budget``.
+            Qwen-Image-sized models, the native size of a small model.
+        pixel_budget (`int`, optional): the default reference budget of a call (the budget the model was
+            trained with); ``target_pixels`` when not set.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -233,10 +235,13 @@ class UniRefEditPipeline(DiffusionPipeline):
         scheduler: FlowMatchEulerDiscreteScheduler,
         text_encoder: PromptEncoder,
         target_pixels: int = 1024 * 1024,
+        pixel_budget: int | None = None,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder)
-        self.register_to_config(target_pixels=target_pixels)
+        self.register_to_config(target_pixels=target_pixels, pixel_budget=pixel_budget)
+        if pixel_budget is not None and (not isinstance(pixel_budget, int) or pixel_budget <= 0):
+            raise ValueError(f"pixel_budget={pixel_budget!r} must be None or a positive int number of pixels")
         if transformer is None or vae is None or text_encoder is None:
             return  # a pipeline loaded without some component (from_pretrained(..., vae=None)): nothing to pair
         multiple = self.vae_scale_factor * self.patch_size
@@ -286,6 +291,12 @@ class UniRefEditPipeline(DiffusionPipeline):
     @property
     def patch_size(self) -> int:
         return self.transformer.config.patch_size
+
+    @property
+    def default_pixel_budget(self) -> int:
+        """The reference budget a call uses when given none: the config's ``pixel_budget`` (what the model
+        was trained with) or ``target_pixels``."""
+        return self.config.get("pixel_budget") or self.config.target_pixels
 
     @property
     def image_processor(self) -> VaeImageProcessor:
@@ -527,7 +538,7 @@ class UniRefEditPipeline(DiffusionPipeline):
             generator: a ``torch.Generator`` or one per sample, see `prepare_latents`.
             pixel_budget: reference pixels (SELF): the total of a sample's references in ``"global"`` mode,
                 each reference's area in ``"per_image"`` mode (as Qwen-Image-Edit-Plus). Default:
-                ``target_pixels``.
+                `default_pixel_budget`.
             budget_mode: ``"global"`` or ``"per_image"``, see `uniref.plan_reference_sizes`.
             height, width: output size in pixels for every sample, multiples of ``vae_scale_factor *
                 patch_size`` (16); default: per sample, its first reference's aspect ratio at ``target_pixels``.
@@ -538,7 +549,7 @@ class UniRefEditPipeline(DiffusionPipeline):
             `UniRefEditPipelineOutput` with one image per sample.
         """
         if pixel_budget is None:
-            pixel_budget = self.config.target_pixels
+            pixel_budget = self.default_pixel_budget
         self._check_numbers(true_cfg_scale, num_inference_steps, pixel_budget, budget_mode, height, width, output_type)
         samples, prompts, negatives = self.check_inputs(images, prompt, negative_prompt)
         plans = self.plan_sizes(samples, pixel_budget, budget_mode, height, width)

@@ -40,6 +40,7 @@ def build_pipeline(model_cfg, seed: int):
             pipe = UniRefEditPipeline(  # re-checks that the trained VAE's latents fit the transformer
                 transformer=pipe.transformer, vae=AutoencoderKL.from_pretrained(model_cfg.vae), scheduler=pipe.scheduler,
                 text_encoder=pipe.text_encoder, target_pixels=pipe.config.target_pixels,
+                pixel_budget=pipe.config.get("pixel_budget"),
             )
     elif model_cfg.pretrained is not None:
         path = None if model_cfg.pretrained == "default" else Path(model_cfg.pretrained)
@@ -124,8 +125,9 @@ def adapters_disabled(module: nn.Module):
             m.enable_adapters(True)
 
 
-def merged_pipeline(pipe, model: EditModel):
-    """``pipe`` with the trained weights of ``model`` (LoRA merged into the base weights), in eval mode."""
+def merged_pipeline(pipe, model: EditModel, pixel_budget: int | None = None):
+    """``pipe`` with the trained weights of ``model`` (LoRA merged into the base weights), in eval mode;
+    ``pixel_budget``: the default reference budget recorded in it (the one it was trained with)."""
     import copy
 
     transformer = copy.deepcopy(model.transformer).float().eval()
@@ -143,4 +145,5 @@ def merged_pipeline(pipe, model: EditModel):
     from uniref.pipelines.edit import UniRefEditPipeline
 
     return UniRefEditPipeline(transformer=transformer, vae=pipe.vae, scheduler=pipe.scheduler,
-                              text_encoder=text_encoder, target_pixels=pipe.config.target_pixels)
+                              text_encoder=text_encoder, target_pixels=pipe.config.target_pixels,
+                              pixel_budget=pixel_budget or pipe.config.get("pixel_budget"))

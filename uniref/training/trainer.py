@@ -226,11 +226,7 @@ def _export(engine, pipe, cfg: TrainConfig, out: Path, rank: int) -> Path:
             x, _ = vae_images(make_dataset(cfg.data, cfg.seed + 1), 0, 256, cfg.data.size)
             mean, std = latent_stats(vae, x)
             vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
-            tmp = out / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            vae.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            _save_atomically(vae, final)
         return final
     params = list(engine.module.parameters())
     # ZeRO-3 holds each parameter in shards: gather them (all ranks) before rank 0 writes the whole model
@@ -238,12 +234,20 @@ def _export(engine, pipe, cfg: TrainConfig, out: Path, rank: int) -> Path:
               if cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext())
     with gather:
         if rank == 0:
-            tmp = out / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            merged_pipeline(pipe, engine.module).save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            # the budget it was trained with becomes the pipeline's default (a per-image budget is not one)
+            phase = cfg.sft if cfg.task == "sft" else cfg.msgrpo
+            budget = cfg.sft.stages[-1].pixel_budget if cfg.task == "sft" else cfg.msgrpo.pixel_budget
+            _save_atomically(merged_pipeline(pipe, engine.module, budget if phase.budget_mode == "global" else None), final)
     return final
+
+
+def _save_atomically(model, final: Path) -> None:
+    """``model.save_pretrained`` into a temporary folder, then renamed over ``final``."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:
