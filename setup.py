@@ -89,6 +89,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["uniref", "uniref.*"]),
+    # the embedded default model (a save_pretrained folder of safetensors and JSON configs)
+    package_data={"uniref": ["assets/default_model/*.json", "assets/default_model/*/*.json",
+                             "assets/default_model/*/*.safetensors"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.6", "numpy", "pillow", "safetensors", "diffusers>=0.35"],
