@@ -229,7 +229,8 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
                    help="classifier-free guidance scale, >= 1; 1 disables it (default 4.0)")
     p.add_argument("--pixel-budget", type=_int_at_least(16 * 16, "--pixel-budget must be >= 256 (one 16x16 tile)"),
                    metavar="P", help="reference pixels: the total in global mode, per image in per_image mode "
-                   "(default: the model's target size, 1024^2 for Qwen-Image-sized models)")
+                   "(default: the budget the model was trained with, else its target size: 1024^2 for Qwen-Image-sized "
+                   "models)")
     p.add_argument("--budget-mode", choices=("global", "per_image"), default="global",
                    help="global: all references share the budget (SELF, default); per_image: each gets it")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

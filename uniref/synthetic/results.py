@@ -41,12 +41,12 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: 
     return float(d.mean()), float(lo), float(hi)
 
 
-def _editor(pipe, steps: int, budget_mode: str = "global", pixel_budget: int | None = None):
+def _editor(pipe, steps: int, guidance: float, budget_mode: str = "global", pixel_budget: int | None = None):
     def edit(images, prompt, height=None, width=None):
         single = isinstance(prompt, str)
         images, prompt = ([images], [prompt]) if single else (images, prompt)
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompt))]
-        out = pipe(images, prompt, height=height, width=width, num_inference_steps=steps, true_cfg_scale=1.0,
+        out = pipe(images, prompt, height=height, width=width, num_inference_steps=steps, true_cfg_scale=guidance,
                    generator=gens, budget_mode=budget_mode, pixel_budget=pixel_budget)
         return out.images[0] if single else out.images
 
@@ -79,7 +79,7 @@ def _tokens(pipe, images, budget: int, mode: str) -> int:
     return sum((h // m) * (w // m) for h, w in [(th, tw), *planned])
 
 
-def self_vs_per_image(pipe, steps: int, cases: int, batch: int) -> list[list]:
+def self_vs_per_image(pipe, steps: int, guidance: float, cases: int, batch: int) -> list[list]:
     """Rows (K, mode, tokens per sample, overall) for K = 1..6 on test-split tasks."""
     from uniref.synthetic.rewards import score
 
@@ -90,7 +90,7 @@ def self_vs_per_image(pipe, steps: int, cases: int, batch: int) -> list[list]:
         tasks = [sample_task(10_000 + i, EDIT_KINDS[i % len(EDIT_KINDS)] if k == 1 else "compose",
                              None if k == 1 else k, 64, "test") for i in range(cases)]
         for label, (mode, budget) in modes.items():
-            edit = _editor(pipe, steps, mode, budget)
+            edit = _editor(pipe, steps, guidance, mode, budget)
             outs = []
             for s in range(0, cases, batch):
                 chunk = tasks[s:s + batch]
@@ -101,16 +101,16 @@ def self_vs_per_image(pipe, steps: int, cases: int, batch: int) -> list[list]:
     return rows
 
 
-def run(model: str | None, sft: str | None, out: Path, steps: int, limit: int | None, batch: int,
+def run(model: str | None, sft: str | None, out: Path, steps: int, guidance: float, limit: int | None, batch: int,
         self_cases: int) -> tuple[str, dict]:
     out.mkdir(parents=True, exist_ok=True)
     pipe = _load(model)
     name = "default model" if model is None else Path(model).name
-    sections, data = [], {}
+    sections, data = [f"Sampling: {steps} steps, guidance {guidance}, fixed seeds."], {}
 
     results = []
     for suite in SUITES:
-        r = evaluate(_editor(pipe, steps), suite, limit=limit, batch_size=batch, name=name)
+        r = evaluate(_editor(pipe, steps, guidance), suite, limit=limit, batch_size=batch, name=name)
         write_suite_report(r, out / "model")
         results.append(r)
     baselines = [evaluate(b, s, limit=limit) for b in ("oracle", "copy_first", "blank") for s in SUITES]
@@ -120,7 +120,7 @@ def run(model: str | None, sft: str | None, out: Path, steps: int, limit: int | 
     print(format_table(results + baselines))
 
     if sft is not None:
-        sft_results = [evaluate(_editor(_load(sft), steps), s, limit=limit, batch_size=batch, name="SFT")
+        sft_results = [evaluate(_editor(_load(sft), steps, guidance), s, limit=limit, batch_size=batch, name="SFT")
                        for s in SUITES]
         rows = []
         for a, b in zip(sft_results, results):
@@ -130,7 +130,7 @@ def run(model: str | None, sft: str | None, out: Path, steps: int, limit: int | 
                         "cases)**\n\n" + _table(["suite", "SFT", "SFT + MSGRPO", "difference"], rows))
         data["ablation"] = rows
 
-    rows = self_vs_per_image(pipe, steps, self_cases, batch)
+    rows = self_vs_per_image(pipe, steps, guidance, self_cases, batch)
     sections.append(
         f"**SELF vs per-image budgets ({self_cases} test tasks per K; global budget {pipe.default_pixel_budget} px, "
         f"per image {pipe.config.target_pixels} px each)**\n\n"
@@ -158,12 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft", default=None, help="the SFT pipeline folder the model was RL-trained from (ablation)")
     p.add_argument("--out", default="results", help="where results.md / results.json and the grids go")
     p.add_argument("--readme", default=None, help="rewrite this README's results block")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50, as uniref edit)")
+    p.add_argument("--guidance", type=float, default=4.0, help="guidance scale (default 4.0, as uniref edit)")
     p.add_argument("--limit", type=int, default=None, help="cases per suite (default: all 100)")
     p.add_argument("--batch", type=int, default=20, help="samples per packed call")
     p.add_argument("--self-cases", type=int, default=30, help="tasks per K in the SELF comparison")
     args = p.parse_args(argv)
-    text, _ = run(args.model, args.sft, Path(args.out), args.steps, args.limit, args.batch, args.self_cases)
+    text, _ = run(args.model, args.sft, Path(args.out), args.steps, args.guidance, args.limit, args.batch,
+                  args.self_cases)
     if args.readme:
         replace_block(Path(args.readme), text)
     return 0
