@@ -1,12 +1,15 @@
 """The README results command (`python -m uniref.synthetic.results`) on a tiny random pipeline."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from uniref.synthetic.results import END, START, main, paired_bootstrap, replace_block
 from uniref.testing import random_edit_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_paired_bootstrap():
@@ -25,7 +28,8 @@ def test_results_command_writes_tables_and_the_readme_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n{START}\nold\n{END}\nafter\n")
     args = ["--model", str(tmp_path / "model"), "--sft", str(tmp_path / "model"), "--out", str(tmp_path / "out"),
-            "--readme", str(readme), "--steps", "2", "--limit", "2", "--batch", "2", "--self-cases", "2"]
+            "--readme", str(readme), "--steps", "2", "--limit", "2", "--batch", "2", "--self-cases", "2",
+            "--example", str(ROOT / "examples" / "compose"), "--figure", str(tmp_path / "fig.png")]
     assert main(args) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("# x\n\nbefore\n") and text.endswith(f"{END}\nafter\n")
@@ -39,5 +43,8 @@ def test_results_command_writes_tables_and_the_readme_block(tmp_path):
     assert max(tokens[(k, "global (SELF)")] for k in range(2, 7)) <= tokens[(2, "per image")]
     same = [row[3] for row in data["ablation"]]
     assert all(d.startswith("+0.000 [+0.000, +0.000]") for d in same)  # the same model twice: no difference
+    from PIL import Image
+
+    assert Image.open(tmp_path / "fig.png").size == (5 * 136 - 8, 128)  # 3 references, output, answer
     with pytest.raises(ValueError, match="has no <!-- uniref-results:start -->"):
         replace_block(tmp_path / "model" / "model_index.json", "x")

@@ -143,6 +143,27 @@ def run(model: str | None, sft: str | None, out: Path, steps: int, guidance: flo
     return text, data
 
 
+def example_figure(pipe, example: Path, path: Path, steps: int, guidance: float) -> Path:
+    """The README's picture of a bundled example: its references, then the model's output (what
+    ``uniref edit`` with the same seed 0 writes), then the exact answer; each cell 128 px."""
+    from PIL import Image
+
+    refs = [Image.open(p).convert("RGB") for p in sorted(example.glob("ref*.png"))]
+    prompt = (example / "prompt.txt").read_text().strip()
+    out = pipe(refs, prompt, num_inference_steps=steps, true_cfg_scale=guidance,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    cells = [*refs, out, Image.open(example / "target.png").convert("RGB")]
+    cell, gap = 128, 8
+    strip = Image.new("RGB", (len(cells) * (cell + gap) - gap, cell), (255, 255, 255))
+    for i, im in enumerate(cells):
+        scale = cell / max(im.size)
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.NEAREST)
+        strip.paste(im, (i * (cell + gap), (cell - im.height) // 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strip.save(path)
+    return path
+
+
 def replace_block(readme: Path, text: str) -> None:
     """Replaces the README's results block (between the markers) with ``text``."""
     content = readme.read_text()
@@ -163,11 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="cases per suite (default: all 100)")
     p.add_argument("--batch", type=int, default=20, help="samples per packed call")
     p.add_argument("--self-cases", type=int, default=30, help="tasks per K in the SELF comparison")
+    p.add_argument("--example", default=None, help="a bundled example folder (ref*.png, prompt.txt, target.png)")
+    p.add_argument("--figure", default=None, help="where to draw the example: references | output | answer")
     args = p.parse_args(argv)
     text, _ = run(args.model, args.sft, Path(args.out), args.steps, args.guidance, args.limit, args.batch,
                   args.self_cases)
     if args.readme:
         replace_block(Path(args.readme), text)
+    if args.example and args.figure:
+        example_figure(_load(args.model), Path(args.example), Path(args.figure), args.steps, args.guidance)
     return 0
 
 
