@@ -217,10 +217,22 @@ def test_bad_requests(extra, message, model_dir, refs, tmp_path, capsys):
     _assert_one_line_failure(cli(argv), capsys, message, out)
 
 
-def test_without_model_says_the_default_is_not_shipped(refs, tmp_path, capsys):
+def test_without_model_says_when_the_default_is_missing(refs, tmp_path, capsys, monkeypatch):
+    import uniref.pipelines.edit as edit
+
+    monkeypatch.setattr(edit, "DEFAULT_MODEL_DIR", tmp_path / "missing")
     out = tmp_path / "out.png"
     rc = cli(["--image", str(refs[0]), "--prompt", "x", "--output", str(out)])
-    _assert_one_line_failure(rc, capsys, "embedded default model is not shipped yet; pass --model DIR", out)
+    _assert_one_line_failure(rc, capsys, "embedded default model is missing from this installation", out)
+
+
+def test_without_model_uses_the_default_model(refs, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    rc = cli(["--image", str(refs[0]), "--image", str(refs[1]), "--prompt", "put image 2 on image 1", "--output",
+              str(out), "--steps", "3"])
+    assert rc == 0, capsys.readouterr().err
+    w, h = PIL.Image.open(out).size
+    assert abs(w * h - 64 * 64) <= 0.25 * 64 * 64 and w > h  # the model's area, the first reference's shape
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")

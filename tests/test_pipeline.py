@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import uniref
+import uniref.synthetic
 from uniref.pipelines import ByteTextEncoder, DefaultModelUnavailableError, UniRefEditPipeline
 from uniref.testing import qwenimage_scheduler, random_edit_pipeline
 
@@ -214,8 +215,24 @@ def test_save_and_load_round_trip(pipe, samples, tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_from_pretrained_without_folder_says_the_default_model_is_not_shipped():
-    with pytest.raises(DefaultModelUnavailableError, match="default model is not shipped yet"):
+def test_from_pretrained_without_folder_loads_the_embedded_default_model():
+    pipe = UniRefEditPipeline.from_pretrained()
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.target_pixels == 64 * 64 and pipe.default_pixel_budget >= 64 * 64
+    size = sum(p.numel() * p.element_size() for c in (pipe.transformer, pipe.vae, pipe.text_encoder)
+               for p in c.parameters())
+    assert size < 50 * 2**20  # tens of MB at most
+    task = uniref.synthetic.sample_task(3, "compose", 3, 64, "test")
+    out = pipe(task.images, task.prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+               output_type="np").images[0]
+    assert out.shape == (64, 64, 3) and np.isfinite(out).all()
+
+
+def test_from_pretrained_without_folder_or_default_model(monkeypatch, tmp_path):
+    import uniref.pipelines.edit as edit
+
+    monkeypatch.setattr(edit, "DEFAULT_MODEL_DIR", tmp_path / "missing")
+    with pytest.raises(DefaultModelUnavailableError, match="default model is not shipped"):
         UniRefEditPipeline.from_pretrained()
 
 

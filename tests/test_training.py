@@ -327,6 +327,19 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path):
     assert not (out / "final").exists()
 
 
+def test_msgrpo_minibatches_move_the_ratio(tmp_path):
+    cfg = json.loads(json.dumps(MSGRPO))
+    cfg["msgrpo"].update(minibatches=2, phases=[{"data": "compose", "steps": 2}])
+    cfg["optim"]["lr"] = 1e-2
+    out = tmp_path / "out"
+    _run(_write(tmp_path, cfg), out)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all(r["ratio_abs_dev_max"] > 0 for r in rows)  # the second minibatch sees a moved policy
+    cfg["msgrpo"]["minibatches"] = 3  # 8 rollouts do not split in 3
+    with pytest.raises(ConfigError, match="minibatches=3"):
+        deepspeed_config(load_config(base=cfg), world=1)
+
+
 def test_non_finite_rewards_stop_msgrpo(tmp_path):
     cfg = json.loads(json.dumps(MSGRPO))
     cfg["msgrpo"]["reward"] = "rl_rewards:nan_reward"

@@ -266,7 +266,7 @@ def _load_pipeline(model: str | None, device: str):
         pipe = UniRefEditPipeline.from_pretrained(model, **({"dtype": torch.bfloat16} if half else {}))
     except DefaultModelUnavailableError:
         raise EditInputError(
-            "no --model given and the embedded default model is not shipped yet; pass --model DIR with a "
+            "no --model given and the embedded default model is missing from this installation; pass --model DIR with a "
             "pipeline folder (UniRefEditPipeline.save_pretrained)"
         ) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:

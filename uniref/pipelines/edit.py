@@ -621,7 +621,7 @@ class UniRefEditPipeline(DiffusionPipeline):
         if pretrained_model_name_or_path is None:
             if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
                 raise DefaultModelUnavailableError(
-                    f"uniref's embedded default model is not shipped yet (expected at {DEFAULT_MODEL_DIR}); pass a "
+                    f"uniref's embedded default model is not shipped in this installation (expected at {DEFAULT_MODEL_DIR}); pass a "
                     "local pipeline folder to from_pretrained(...), or build a pipeline with "
                     "UniRefEditPipeline.from_qwenimage_edit(...)"
                 )

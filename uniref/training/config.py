@@ -178,7 +178,9 @@ class PhaseConfig:
 
 @dataclass
 class MSGRPOConfig:
-    """Flow-GRPO on multi-reference rollouts (see `uniref.grpo`)."""
+    """Flow-GRPO on multi-reference rollouts (see `uniref.grpo`). ``minibatches``: optimizer steps per
+    rollout batch (each on a slice of every rank's rollouts); with more than one, the PPO ratio moves
+    away from 1 and the clip acts."""
 
     phases: list[PhaseConfig] = field(default_factory=list)
     prompts_per_step: int = 2
@@ -198,6 +200,7 @@ class MSGRPOConfig:
     adv_clip: float = 5.0
     clip_range: float = 1e-4
     kl_beta: float = 0.0
+    minibatches: int = 1
 
 
 @dataclass
@@ -473,6 +476,7 @@ def _check(cfg: TrainConfig, errors: list[str]) -> None:
         number(r.adv_clip, "msgrpo.adv_clip", 0.0, strict=True)
         number(r.clip_range, "msgrpo.clip_range", 0.0)
         number(r.kl_beta, "msgrpo.kl_beta", 0.0)
+        positive_int(r.minibatches, "msgrpo.minibatches")
         if ds.micro_batches_per_step != 1:
             errors.append(
                 "deepspeed.micro_batches_per_step: MSGRPO accumulates over the trained timesteps of each rollout "

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from uniref.grpo import flow_grpo_loss, group_advantages, sde_step_with_logprob
 from uniref.pipelines.edit import JointBatch
 from uniref.self import unpack_latents
 from uniref.synthetic import EDIT_KINDS, Task, sample_task
+from uniref.training.collective import all_finite, global_mean
 from uniref.training.seeding import generator_for, seed_for
 
 __all__ = ["Rollout", "RewardFn", "load_reward", "phase_at", "rollout", "rollout_tasks", "train_on_rollout", "window"]
@@ -110,8 +110,25 @@ class Rollout:
     states: list[Tensor]  # num_steps + 1 packed target states (T_target, F)
     log_probs: dict[int, Tensor]  # trained step -> (N,)
     images: Tensor  # (N, 3, H, W) in [0, 1]
+    ref_latents: list[list[Tensor]]  # per sample, its references' latents
     rewards: Tensor | None = None  # (N, S)
     advantages: Tensor | None = None  # (N,)
+
+    def subset(self, rows: list[int]) -> "Rollout":
+        """The rollouts ``rows`` alone, re-packed (a minibatch of the policy update)."""
+        n = len(self.tasks)
+        pick = lambda x: _per_sample(x, n)[rows].reshape(-1, x.shape[-1])  # noqa: E731
+        targets = self.batch.targets
+        (h, w), like = targets.image_sizes[0][0], self.ref_latents[0][0]
+        template = [like.new_zeros(targets.channels, h, w) for _ in rows]  # shapes only: states carry the values
+        batch = JointBatch.build(template, [self.ref_latents[r] for r in rows], self.batch.copies, targets.patch_size)
+        return Rollout(
+            [self.tasks[r] for r in rows], self.group_ids[rows], [self.prompts[r] for r in rows], batch,
+            self.sigmas[rows], [pick(x) for x in self.states], {k: v[rows] for k, v in self.log_probs.items()},
+            self.images[rows], [self.ref_latents[r] for r in rows],
+            None if self.rewards is None else self.rewards[rows],
+            None if self.advantages is None else self.advantages[rows],
+        )
 
 
 def _per_sample(x: Tensor, n: int) -> Tensor:
@@ -186,7 +203,8 @@ def rollout(engine, pipe, tasks: list[Task], msgrpo_cfg, seed: int, step: int, r
     decoded = pipe.vae.decode((latents.to(pipe.vae.dtype) * std / scale + mean), return_dict=False)[0]
     images_out = ((decoded.float() + 1) / 2).clamp(0, 1)
     group_ids = torch.tensor([step * len(tasks) + r // g_size for r in rows], device=device)
-    return Rollout(local_tasks, group_ids, prompts, batch, sigmas, states, log_probs, images_out)
+    ref_latents = [encoded[r // g_size] for r in rows]
+    return Rollout(local_tasks, group_ids, prompts, batch, sigmas, states, log_probs, images_out, ref_latents)
 
 
 def score_rollout(ro: Rollout, reward: RewardFn, msgrpo_cfg) -> dict:
@@ -200,13 +218,10 @@ def score_rollout(ro: Rollout, reward: RewardFn, msgrpo_cfg) -> dict:
     weights = msgrpo_cfg.reward_weights
     if weights is not None and len(weights) != rewards.shape[1]:
         raise ValueError(f"msgrpo.reward_weights has {len(weights)} entries for {rewards.shape[1]} reward sources")
-    finite = bool(torch.isfinite(rewards).all())
-    if not finite:
-        bad = int((~torch.isfinite(rewards)).any(1).nonzero()[0])
-        raise FloatingPointError(
-            f"non-finite reward for rollout {bad} (task: {ro.tasks[bad].prompt!r}); the run stops here, the last "
-            "checkpoint is intact"
-        )
+    if not all_finite(rewards):
+        bad = (~torch.isfinite(rewards)).any(1).nonzero().flatten().tolist()
+        where = f"for rollout {bad[0]} (task: {ro.tasks[bad[0]].prompt!r})" if bad else "on another rank"
+        raise FloatingPointError(f"non-finite reward {where}; the run stops here, the last checkpoint is intact")
     adv, stats = group_advantages(rewards, ro.group_ids.cpu(), weights=weights, aggregate=msgrpo_cfg.aggregate,
                                   std=msgrpo_cfg.adv_std, clip=msgrpo_cfg.adv_clip)
     ro.rewards, ro.advantages = rewards, adv
@@ -216,26 +231,31 @@ def score_rollout(ro: Rollout, reward: RewardFn, msgrpo_cfg) -> dict:
     local = {"reward/weighted": (rewards * w).sum(1).mean()}
     if reward.overall is not None:
         local["reward/overall"] = reward.overall(rewards).mean()
-    out.update(_global_mean(local))
+    out.update(global_mean(local))
     out["zero_std_fraction"] = float(stats["zero_std_fraction"])
     return out
 
 
-def _global_mean(values: dict[str, Tensor]) -> dict[str, float]:
-    keys = sorted(values)
-    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64) for k in keys])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return {k: float(v) for k, v in zip(keys, t)}
-
-
 def train_on_rollout(engine, ro: Rollout, msgrpo_cfg, ref_model=None, adapters_off=None) -> dict:
-    """Accumulates the clipped policy loss over the trained timesteps (one DeepSpeed micro-step each).
+    """The policy update of one RL step: the rollouts in ``msgrpo.minibatches`` minibatches, each one
+    optimizer step that accumulates the clipped loss over the trained timesteps (one DeepSpeed
+    micro-step each). From the second minibatch on the policy has moved, so the PPO ratio and its clip
+    take effect, as in Flow-GRPO's inner updates.
 
     ``ref_model`` / ``adapters_off``: the frozen reference policy for the KL term (a copy of the
     starting model, or a context manager that disables LoRA adapters), needed when ``kl_beta > 0``.
     """
+    n, m = len(ro.tasks), msgrpo_cfg.minibatches
+    parts = [_update(engine, ro if m == 1 else ro.subset(list(range(j * n // m, (j + 1) * n // m))), msgrpo_cfg,
+                     ref_model, adapters_off) for j in range(m)]
+    ratio = torch.cat([p.pop("ratio") for p in parts])
+    local = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
+    local.update(ratio_mean=ratio.mean(), ratio_abs_dev_max=(ratio - 1).abs().max())
+    return global_mean(local)
+
+
+def _update(engine, ro: Rollout, msgrpo_cfg, ref_model, adapters_off) -> dict:
+    """One optimizer step on the rollouts ``ro``; returns this rank's loss statistics."""
     n = len(ro.tasks)
     guided = msgrpo_cfg.cfg_scale > 1
     negatives = [""] * n if guided else []
@@ -267,7 +287,7 @@ def train_on_rollout(engine, ro: Rollout, msgrpo_cfg, ref_model=None, adapters_o
                 )
         loss, st = flow_grpo_loss(x_next, mean, ro.log_probs[k], adv, step_std, msgrpo_cfg.clip_range,
                                   mean_ref=mean_ref, beta=msgrpo_cfg.kl_beta, kind=msgrpo_cfg.kind)
-        if not torch.isfinite(loss):
+        if not all_finite(loss.detach()):
             raise FloatingPointError(
                 f"non-finite MSGRPO loss at rollout step {k}; the run stops here, the last checkpoint is intact"
             )
@@ -277,12 +297,9 @@ def train_on_rollout(engine, ro: Rollout, msgrpo_cfg, ref_model=None, adapters_o
         stats["clip_fraction"].append(st["clip_fraction"])
         stats["kl"].append(st["kl"].mean())
         stats["ratio"].append(st["ratio"])
-    ratio = torch.cat(stats["ratio"])
-    local = {
+    return {
         "loss": torch.stack(stats["loss"]).mean(),
         "clip_fraction": torch.stack(stats["clip_fraction"]).float().mean(),
         "kl": torch.stack(stats["kl"]).mean(),
-        "ratio_mean": ratio.mean(),
-        "ratio_abs_dev_max": (ratio - 1).abs().max(),
+        "ratio": torch.cat(stats["ratio"]),
     }
-    return _global_mean(local)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from uniref.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from uniref.training.collective import all_finite
 from uniref.training.config import ConfigError, TrainConfig
 from uniref.training.metrics import MetricsLog, plot_curves
 from uniref.training.modules import EditModel, adapters_disabled, build_pipeline, merged_pipeline
@@ -60,10 +61,10 @@ def accumulation_steps(cfg: TrainConfig, world: int) -> int:
         from uniref.training.msgrpo import window
 
         rollouts = cfg.msgrpo.prompts_per_step * cfg.msgrpo.group_size
-        if rollouts % world:
+        if rollouts % (world * cfg.msgrpo.minibatches):
             raise ConfigError(
                 f"msgrpo.prompts_per_step x group_size = {rollouts} rollouts do not split evenly over {world} "
-                "processes; make it a multiple of the number of processes"
+                f"processes x msgrpo.minibatches={cfg.msgrpo.minibatches}; make it a multiple of their product"
             )
         return len(window(cfg.msgrpo))
     m = cfg.deepspeed.micro_batches_per_step
@@ -121,14 +122,6 @@ def optimizer_lr(engine) -> float:
     return float(engine.optimizer.param_groups[0]["lr"])
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether ``t`` is finite on every rank (all ranks must call it, so all stop together)."""
-    flag = torch.tensor([0.0 if bool(torch.isfinite(t).all()) else 1.0])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag)
-    return float(flag) == 0.0
-
-
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -158,7 +151,7 @@ def _sft_step(engine, pipe, cfg: TrainConfig, state: dict, rank: int, world: int
     losses, tokens, samples = [], 0, 0
     for mb in mine:
         loss, st = sft_loss(engine, pipe, mb, cfg.sft, cfg.seed, step)
-        if not _all_finite(loss.detach()):
+        if not all_finite(loss.detach()):
             raise FloatingPointError(
                 f"non-finite SFT loss at step {step} (stage {stage}, budget {budget}); the run stops here and the "
                 "last checkpoint is intact: lower optim.lr or check the data"
@@ -186,7 +179,7 @@ def _vae_step(engine, cfg: TrainConfig, state: dict, rank: int, world: int, gas:
     for position in range(rank, gas * world, world):
         loss, st = vae_loss(engine, x[position * per:(position + 1) * per].to(device), cfg.seed, step, position,
                             cfg.vae.kl_weight)
-        if not _all_finite(loss.detach()):
+        if not all_finite(loss.detach()):
             raise FloatingPointError(
                 f"non-finite VAE loss at step {step}; the run stops here and the last checkpoint is intact: lower optim.lr"
             )
@@ -280,9 +273,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     trainable = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.total_steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
-    )
+    # the schedule counts optimizer steps: MSGRPO takes `minibatches` of them per RL step
+    updates = cfg.total_steps * (cfg.msgrpo.minibatches if cfg.task == "msgrpo" else 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(updates, o.warmup_steps, o.schedule, o.min_lr_ratio))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         model_parameters=trainable,
