@@ -114,7 +114,7 @@ def test_shipped_configs_validate(path):
         ({"model": {"preset": "tiny", "train_text_encoder": True, "lora": {"rank": 4}}}, "LoRA trains adapters"),
         ({"deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage: must be 0, 1, 2 or 3"),
         ({"sft": {"stages": [{"pixel_budget": 4096, "steps": 1}], "token_budget": 8}}, "cannot hold one sample"),
-        ({"task": "rl"}, "task: must be 'sft' or 'msgrpo'"),
+        ({"task": "rl"}, "task: must be 'vae', 'sft' or 'msgrpo'"),
         ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last: must be an int >= 1"),
     ],
 )
