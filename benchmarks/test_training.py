@@ -17,7 +17,7 @@ import torch
 from uniref.self import pack_latents
 from uniref.testing import random_edit_pipeline
 from uniref.training.config import DataConfig
-from uniref.training.data import encode_micro_batch, make_dataset, plan_micro_batches
+from uniref.training.data import MicroBatch, encode_micro_batch, make_dataset, plan_micro_batches
 from uniref.training.modules import EditModel
 
 from ratios import record
@@ -33,9 +33,9 @@ def setup():
     pipe = random_edit_pipeline("small", seed=0)
     model = EditModel(pipe.transformer.train(), pipe.text_encoder, train_text_encoder=True)
     data = make_dataset(DataConfig(size=SIZE, compose_ratio=0.5, num_refs=[2, 6]), seed=0)
-    batches, _ = plan_micro_batches(data, 0, SAMPLES, BUDGET, "global", token_budget=1, multiple=16)
-    items = [b.items[0] for b in batches]  # token_budget 1: one sample per micro-batch; regroup them
-    batch = type(batches[0])(0, items)
+    # a token budget of 1 closes a micro-batch after every sample: the stream's first SAMPLES samples
+    singles, _ = plan_micro_batches(data, 0, SAMPLES, BUDGET, "global", token_budget=1, multiple=16)
+    batch = MicroBatch(0, [b.items[0] for b in singles])
     x0, refs = encode_micro_batch(pipe, batch)
     return pipe, model, batch, x0, refs
 

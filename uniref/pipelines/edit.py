@@ -410,19 +410,25 @@ class UniRefEditPipeline(DiffusionPipeline):
 
         The latent is the mode of the VAE posterior (deterministic), as Qwen-Image-Edit-Plus encodes references.
         """
-        x = self.image_processor.preprocess(image, size[0], size[1]).to(self.vae.device, self.vae.dtype)
+        return self.encode_images([image], size)[0]
+
+    def encode_images(self, images: Sequence[PIL.Image.Image | Tensor], size: tuple[int, int]) -> Tensor:
+        """`encode_image` for several images resized to the same ``size``, in one VAE call: ``(N, C, h, w)``."""
+        x = self.image_processor.preprocess(list(images), size[0], size[1]).to(self.vae.device, self.vae.dtype)
         if self._video_vae:
             x = x[:, :, None]
         z = self.vae.encode(x).latent_dist.mode()
-        z = z[0, :, 0] if self._video_vae else z[0]
+        z = z[:, :, 0] if self._video_vae else z
         mean, std, scale = self._latent_stats(z.device, z.dtype)
         return (z - mean) * scale / std
 
     def decode_latents(self, latents: Tensor) -> Tensor:
-        """Normalized latent ``(C, h, w)`` -> image ``(1, 3, h * f, w * f)`` in [-1, 1] (VAE range)."""
+        """Normalized latent ``(C, h, w)`` (or a batch ``(N, C, h, w)``) -> images ``(1 or N, 3, h * f, w * f)``
+        in [-1, 1] (VAE range)."""
         z = latents.to(self.vae.device, self.vae.dtype)
         mean, std, scale = self._latent_stats(z.device, z.dtype)
-        z = (z * std / scale + mean)[None]
+        z = z * std / scale + mean
+        z = z[None] if z.ndim == 3 else z
         if self._video_vae:
             return self.vae.decode(z[:, :, None], return_dict=False)[0][:, :, 0]
         return self.vae.decode(z, return_dict=False)[0]

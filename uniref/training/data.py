@@ -94,18 +94,6 @@ def plan_micro_batches(
         cursor += 1
 
 
-def _encode_group(pipe, images: list[Tensor], size: tuple[int, int]) -> list[Tensor]:
-    # through PIL, as the pipeline receives images: training and inference resize the same way
-    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
-    x = pipe.image_processor.preprocess(pil, size[0], size[1]).to(pipe.vae.device, pipe.vae.dtype)
-    if pipe._video_vae:
-        x = x[:, :, None]
-    z = pipe.vae.encode(x).latent_dist.mode()
-    z = z[:, :, 0] if pipe._video_vae else z
-    mean, std, scale = pipe._latent_stats(z.device, z.dtype)
-    return list(((z - mean) * scale / std).unbind(0))
-
-
 @torch.no_grad()
 def encode_micro_batch(pipe, batch: MicroBatch) -> tuple[list[Tensor], list[list[Tensor]]]:
     """VAE latents (normalized as the pipeline normalizes them) of every target and planned reference.
@@ -121,7 +109,9 @@ def encode_micro_batch(pipe, batch: MicroBatch) -> tuple[list[Tensor], list[list
     targets: list = [None] * len(batch.items)
     refs: list[list] = [[None] * len(it.references) for it in batch.items]
     for size, group in jobs.items():
-        latents = _encode_group(pipe, [img for _, _, img in group], size)
+        # through PIL, as the pipeline receives images: training and inference resize the same way
+        pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for _, _, img in group]
+        latents = pipe.encode_images(pil, size).unbind(0)
         for (i, k, _), z in zip(group, latents):
             if k < 0:
                 targets[i] = z

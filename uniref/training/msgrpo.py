@@ -135,6 +135,10 @@ def _per_sample(x: Tensor, n: int) -> Tensor:
     return x.reshape(n, -1, x.shape[-1])
 
 
+def _param_dtype(engine) -> torch.dtype:
+    return next(engine.module.parameters()).dtype
+
+
 def _model_fn(engine, prompts: list[str], negatives: list[str], images):
     all_prompts = prompts + negatives if negatives else prompts
     all_images = images + images if negatives else images
@@ -153,7 +157,7 @@ def rollout(engine, pipe, tasks: list[Task], msgrpo_cfg, seed: int, step: int, r
     rows = list(range(rank * n, (rank + 1) * n))
     local_tasks = [tasks[r // g_size] for r in rows]
     device = pipe.vae.device
-    dtype = next(engine.module.parameters()).dtype if hasattr(engine, "module") else torch.float32
+    dtype = _param_dtype(engine)
 
     # references: planned under the pixel budget, encoded once per task
     f, p = pipe.vae_scale_factor, pipe.patch_size
@@ -199,9 +203,7 @@ def rollout(engine, pipe, tasks: list[Task], msgrpo_cfg, seed: int, step: int, r
         states.append(state)
 
     latents = torch.stack([sample[0] for sample in unpack_latents(state.to(dtype), batch.targets)])
-    mean, std, scale = pipe._latent_stats(device, pipe.vae.dtype)
-    decoded = pipe.vae.decode((latents.to(pipe.vae.dtype) * std / scale + mean), return_dict=False)[0]
-    images_out = ((decoded.float() + 1) / 2).clamp(0, 1)
+    images_out = ((pipe.decode_latents(latents).float() + 1) / 2).clamp(0, 1)
     group_ids = torch.tensor([step * len(tasks) + r // g_size for r in rows], device=device)
     ref_latents = [encoded[r // g_size] for r in rows]
     return Rollout(local_tasks, group_ids, prompts, batch, sigmas, states, log_probs, images_out, ref_latents)
@@ -261,7 +263,7 @@ def _update(engine, ro: Rollout, msgrpo_cfg, ref_model, adapters_off) -> dict:
     negatives = [""] * n if guided else []
     images = [list(t.images) for t in ro.tasks]
     model_fn = _model_fn(engine, ro.prompts, negatives, images)
-    dtype = next(engine.module.parameters()).dtype if hasattr(engine, "module") else torch.float32
+    dtype = _param_dtype(engine)
     adv = ro.advantages.to(ro.states[0].device)
     stats = {"loss": [], "clip_fraction": [], "kl": [], "ratio": []}
     for k in sorted(ro.log_probs):
