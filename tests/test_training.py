@@ -295,6 +295,47 @@ def test_sft_loss_unit_and_gradient_checkpointing():
     torch.testing.assert_close(again.detach(), results[1][0], rtol=1e-6, atol=0)
 
 
+def test_change_weights_mark_the_changed_cells():
+    from uniref.training.sft import change_weights
+
+    ref = torch.randint(0, 256, (3, 64, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ref[0, 40, 0] = 100
+    target = ref.clone()
+    target[1, 9:14, 30:33] += 100  # pixels of latent cells (rows 2-3, cols 7-8) at 4 px per cell
+    target[0, 40, 0] = 105  # under the threshold: not a change
+    w = change_weights(target, ref, (16, 12), 4.0)
+    expected = torch.ones(16, 12)
+    expected[2:4, 7:9] = 5.0
+    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(change_weights(target, ref[:, :32], (16, 12), 4.0), torch.ones(16, 12))
+    torch.testing.assert_close(change_weights(target, ref, (16, 12), 0.0), torch.ones(16, 12))
+
+
+def test_change_weighted_sft_loss():
+    """Weighting changes the loss only through the changed cells: with every first reference equal to
+    its target, the weighted loss is the plain one."""
+    import dataclasses
+
+    from uniref.testing import random_edit_pipeline
+    from uniref.training.data import make_dataset, plan_micro_batches
+    from uniref.training.modules import EditModel
+    from uniref.training.sft import sft_loss
+
+    cfg = load_config(base=SFT)
+    (batch,), _ = plan_micro_batches(make_dataset(cfg.data, cfg.seed), 3, 1, 4096, "global", 400)
+    pipe = random_edit_pipeline("tiny", seed=0)
+    model = EditModel(pipe.transformer.eval(), pipe.text_encoder, train_text_encoder=True)
+    weighted = dataclasses.replace(cfg.sft, change_weight=4.0)
+    with torch.no_grad():
+        plain = sft_loss(model, pipe, batch, cfg.sft, seed=0, step=1)[0]
+        assert not torch.isclose(sft_loss(model, pipe, batch, weighted, seed=0, step=1)[0], plain, rtol=1e-3)
+        same = dataclasses.replace(batch, items=[
+            dataclasses.replace(it, references=[it.target, *it.references[1:]]) for it in batch.items
+        ])
+        torch.testing.assert_close(sft_loss(model, pipe, same, weighted, seed=0, step=1)[0],
+                                   sft_loss(model, pipe, same, cfg.sft, seed=0, step=1)[0], rtol=1e-6, atol=0)
+
+
 def test_bad_model_or_reward_is_a_clear_error(tmp_path):
     path = _write(tmp_path, {**SFT, "model": {"pretrained": str(tmp_path / "nope")}})
     proc = _run(path, tmp_path / "out", check=False)

@@ -157,7 +157,12 @@ class StageConfig:
 @dataclass
 class SFTConfig:
     """Flow matching on the target tokens: x_t = (1 - t) x_0 + t eps, target eps - x_0, t logit-normal
-    then shifted as the scheduler shifts it for the sample's target token count."""
+    then shifted as the scheduler shifts it for the sample's target token count.
+
+    ``change_weight`` (>= 0, default 0: off) adds that much loss weight to the target's latent cells whose
+    pixels differ from the first reference's (for samples whose first reference has the target's size:
+    the edited image, or a composition's background), so the loss is not dominated by the unchanged
+    background that is most of every target."""
 
     stages: list[StageConfig] = field(default_factory=list)
     token_budget: int = 4096
@@ -165,6 +170,7 @@ class SFTConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     text_dropout: float = 0.1
+    change_weight: float = 0.0
 
 
 @dataclass
@@ -436,6 +442,7 @@ def _check(cfg: TrainConfig, errors: list[str]) -> None:
         number(s.logit_std, "sft.logit_std", 0.0, strict=True)
         number(s.logit_mean, "sft.logit_mean", -math.inf)
         number(s.text_dropout, "sft.text_dropout", 0.0, 1.0)
+        number(s.change_weight, "sft.change_weight", 0.0)
         if m.qwen_image_edit is None and isinstance(s.token_budget, int) and isinstance(d.size, int):
             one_target = (d.size // 16) ** 2
             need(s.token_budget >= 2 * one_target,

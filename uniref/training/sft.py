@@ -5,6 +5,10 @@
 with t logit-normal, then shifted exactly as the pipeline's scheduler shifts its sigmas for a sample of
 that many target tokens (Qwen-Image's dynamic, resolution-dependent shift), so training spends its
 timesteps where sampling will use them. Only the target slice of the sequence is predicted and scored.
+
+With ``sft.change_weight = w > 0`` the mean is weighted: latent cells whose pixels differ from the first
+reference's (where it has the target's size) weigh 1 + w, the rest 1. An edit changes a few percent of
+the pixels, so an unweighted loss is mostly about copying the background.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from uniref.self import pack_latents
 from uniref.training.data import MicroBatch, encode_micro_batch
 from uniref.training.seeding import generator_for
 
-__all__ = ["scheduler_shift", "sft_loss"]
+__all__ = ["change_weights", "scheduler_shift", "sft_loss"]
+
+# A pixel has changed when a channel moves by more than this (of 255): above JPEG and resampling noise.
+_CHANGE_THRESHOLD = 8
 
 
 def scheduler_shift(t: Tensor, target_tokens: list[int], scheduler_config) -> Tensor:
@@ -35,6 +42,19 @@ def scheduler_shift(t: Tensor, target_tokens: list[int], scheduler_config) -> Te
         return mu / (mu + (1 / t - 1))
     s = float(cfg.get("shift", 1.0))
     return s * t / (1 + (s - 1) * t)
+
+
+def change_weights(target: Tensor, first_reference: Tensor, latent_hw: tuple[int, int], weight: float) -> Tensor:
+    """``(h, w)`` float32 loss weights of one sample's target latent: ``1 + weight`` on the cells (each
+    the square of pixels the VAE maps to one latent position) where any pixel of the uint8 ``(3, H, W)``
+    target differs from the first reference by more than `_CHANGE_THRESHOLD`; 1 everywhere when the
+    reference's size differs from the target's (nothing to compare against)."""
+    h, w = latent_hw
+    if first_reference.shape != target.shape or weight == 0:
+        return torch.ones(h, w)
+    changed = (target.int() - first_reference.int()).abs().amax(0) > _CHANGE_THRESHOLD
+    cells = torch.nn.functional.adaptive_max_pool2d(changed[None, None].float(), (h, w))[0, 0]
+    return 1.0 + weight * cells
 
 
 def sft_loss(engine, pipe, batch: MicroBatch, sft_cfg, seed: int, step: int) -> tuple[Tensor, dict]:
@@ -58,6 +78,16 @@ def sft_loss(engine, pipe, batch: MicroBatch, sft_cfg, seed: int, step: int) -> 
     packed = pack_latents([[xt, *r] for xt, r in zip(noisy, refs)], patch_size=p)
     velocity = pack_latents([[e - z] for z, e in zip(x0, noise)], patch_size=p).tokens
     pred = engine(packed, prompts, t.to(packed.tokens.device, torch.float32), packed.tokens)
-    loss = torch.nn.functional.mse_loss(pred.float(), velocity.float())
+    err = (pred.float() - velocity.float()) ** 2
+    if sft_cfg.change_weight > 0:
+        maps = [
+            change_weights(it.target, it.references[0], tuple(z.shape[1:]), sft_cfg.change_weight).expand_as(z)
+            for it, z in zip(batch.items, x0)
+        ]
+        # packed like the velocity, so every element of err gets its own cell's weight
+        w = pack_latents([[m.to(z)] for m, z in zip(maps, x0)], patch_size=p).tokens.float()
+        loss = (w * err).sum() / w.sum()
+    else:
+        loss = err.mean()
     stats = {"tokens": batch.tokens, "samples": n, "t_mean": float(t.mean()), "target_tokens": sum(target_tokens)}
     return loss, stats
