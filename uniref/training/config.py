@@ -14,7 +14,7 @@ The tree (defaults in the dataclasses below; `training/configs/*.yaml` are compl
     data:       the synthetic world's stream (size, compose_ratio, num_refs, edit_kinds)
     optim:      lr, betas, weight_decay, eps, warmup_steps, schedule, grad_clip
     deepspeed:  zero_stage, bf16, micro_batches_per_step, config (an explicit DeepSpeed JSON)
-    sft:        stages [{pixel_budget, steps}], token_budget, logit-normal timesteps
+    sft:        stages [{pixel_budget, steps}], token_budget, logit-normal timesteps, change_weight
     msgrpo:     rollouts (group, steps, noise, SDE window, CFG), rewards, loss (clip, KL), phases
     checkpoint: every, keep_last
     log:        every, plot
