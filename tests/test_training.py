@@ -109,6 +109,7 @@ def test_shipped_configs_validate(path):
         ({"optim": {"lrr": 1e-3}}, "optim.lrr: unknown key; did you mean 'lr'?"),
         ({"sft": {"stages": [{"pixel_budget": -4, "steps": 2}]}}, "sft.stages[0].pixel_budget: must be an int >= 256"),
         ({"sft": {"stages": []}}, "sft.stages: give at least one"),
+        ({"sft": {"change_weight": -1.0}}, "sft.change_weight: must be"),
         ({"model": {"preset": "tiny", "pretrained": "x"}}, "model: give exactly one of"),
         ({"model": {"preset": "huge"}}, "model.preset: must be one of"),
         ({"model": {"preset": "tiny", "train_text_encoder": True, "lora": {"rank": 4}}}, "LoRA trains adapters"),
