@@ -176,6 +176,62 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a.grad, b.grad)
 
 
+needs_cuda_kernel = pytest.mark.skipif(
+    unavailable_reason("cuda", "cuda", torch.bfloat16, 64) is not None,
+    reason="needs a GPU and a build with the CUDA kernels (benchmarks/gpu/run.sh runs these on a lent one)",
+)
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_opcheck_cuda(dtype):
+    q, k, v, cq, ck, mq, mk = make_varlen_inputs([5, 1, 90], [7, 3, 130], heads=2, head_dim=64, dtype=dtype,
+                                                 device="cuda")  # fmt: skip
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cq, ck, mq, mk, 0.125)
+    torch.library.opcheck(_ops.varlen_attn_fwd, args)
+    out, lse = _ops.varlen_attn_fwd(*args)
+    torch.library.opcheck(_ops.varlen_attn_bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
+                                                 out.detach(), lse, cq, ck, mq, mk, 0.125))  # fmt: skip
+
+
+@needs_cuda_kernel
+def test_torch_compile_fullgraph_cuda():
+    """The CUDA op inside an inductor-compiled graph, forward and backward, equals eager."""
+    q, k, v, cq, ck, mq, mk = make_varlen_inputs([9, 300], [12, 77], heads=2, head_dim=128, dtype=torch.bfloat16,
+                                                 device="cuda")  # fmt: skip
+
+    def f(q, k, v):
+        return uniref.varlen_attention(q, k, v, cq, ck, mq, mk, backend="cuda").float().square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    eager = [t.clone().requires_grad_() for t in (q, k, v)]
+    compiled(*leaves).backward()
+    f(*eager).backward()
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@needs_cuda_kernel
+def test_cuda_op_errors():
+    """Bad input to the CUDA kernels raises a clear error (and the device stays usable)."""
+    q, k, v, cq, ck, mq, mk = make_varlen_inputs([3, 4], [2, 5], heads=2, head_dim=64, dtype=torch.bfloat16,
+                                                 device="cuda")  # fmt: skip
+    with pytest.raises(RuntimeError, match="cu_seqlens_q is on cpu but q is on cuda"):
+        _ops.varlen_attn_fwd(q, k, v, cq.cpu(), ck, mq, mk, 0.125)
+    with pytest.raises(RuntimeError, match="float16 and bfloat16 only"):
+        _ops.varlen_attn_fwd(q.float(), k.float(), v.float(), cq, ck, mq, mk, 0.125)
+    with pytest.raises(RuntimeError, match="head_dim 32, 64 and 128 only"):
+        _ops.varlen_attn_fwd(q[..., :48].contiguous(), k[..., :48].contiguous(), v[..., :48].contiguous(),
+                             cq, ck, mq, mk, 0.125)  # fmt: skip
+    with pytest.raises(RuntimeError, match="more than max_seqlen=3"):
+        _ops.varlen_attn_fwd(q, k, v, cq, ck, 3, mk, 0.125)
+    with pytest.raises(RuntimeError, match="must equal the number of rows"):
+        _ops.varlen_attn_fwd(q, k, v, cq, torch.tensor([0, 2, 6], dtype=torch.int32, device="cuda"), mq, mk, 0.125)
+    out, _ = _ops.varlen_attn_fwd(q, k, v, cq, ck, mq, mk, 0.125)
+    assert torch.isfinite(out).all()
+
+
 def test_lse_is_not_differentiable():
     q, k, v, cq, ck, mq, mk = make_varlen_inputs([4], [4], heads=1, head_dim=8)
     q.requires_grad_()

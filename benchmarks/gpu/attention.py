@@ -1,7 +1,10 @@
 """GPU check of varlen attention: correctness on the card, then forward and forward + backward TFLOP/s of
 our CUDA kernel and every peer present, for the packed SELF batches of ../shared/reference/gpu_anchors.md
-(bf16, 24 heads x 128): B1024 = 4 samples of 8448 / 6344 / 7468 / 6580 tokens, B2048 = 20736 / 13532.
-Usage: python benchmarks/gpu/attention.py [--smoke]
+(bf16, 24 heads x 128): B1024 = 4 samples of 8448 / 6344 / 7468 / 6580 tokens, B2048 = 20736 / 13532;
+then two batches of many shorter samples, where one SDPA call per sample pays its launches many times
+(B512x16: 16 samples of 1500-2300 tokens; B256x64: 64 samples of 350-650), which place the crossover
+that `backend="auto"` follows.
+Usage: python benchmarks/gpu/attention.py [--smoke] [--batches B1024,B2048,...]
 
 Correctness, before any timing, per backend that runs here:
 * the batch scaled down 8x, forward and backward against the float64 per-sample reference, judged as
@@ -39,7 +42,12 @@ from uniref.ops.attention_reference import (  # noqa: E402
 )
 
 ON_CUDA = torch.cuda.is_available()
-BATCHES = {"B1024": (8448, 6344, 7468, 6580), "B2048": (20736, 13532)}
+BATCHES = {
+    "B1024": (8448, 6344, 7468, 6580),
+    "B2048": (20736, 13532),
+    "B512x16": tuple(1500 + (797 * i) % 801 for i in range(16)),
+    "B256x64": tuple(350 + (293 * i) % 301 for i in range(64)),
+}
 HEADS, HEAD_DIM, DTYPE = 24, 128, torch.bfloat16
 OURS = "cuda" if ON_CUDA else "cpu"
 
@@ -143,9 +151,15 @@ def time_method(fn, batch, backward: bool) -> float:
     return bench_ms(step)
 
 
+def row(cells) -> None:
+    """Prints one table row at once (a run cut short by its time limit keeps the rows it finished)."""
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the available device")
+    parser.add_argument("--batches", default=",".join(BATCHES), help="comma-separated subset of " + ", ".join(BATCHES))
     args = parser.parse_args(argv)
     device = "cuda" if ON_CUDA else "cpu"
     # Smoke: lengths / 128 and 4 heads (PyTorch's CPU SDPA backward is slow at small lengths).
@@ -153,35 +167,44 @@ def main(argv=None):
     shape_note = f"bf16, {heads} heads x {HEAD_DIM}{', smoke: lengths / 128' if args.smoke else ''}"
     print(card_header(f"Varlen attention over packed SELF batches ({shape_note})"))
     print(f"backends available here: {available_backends(device, DTYPE, HEAD_DIM)}\n")
-    table = ["| batch | method | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |", "|---|---|---|---|---|---|"]
-    notes = []
-    for batch_name, full_lengths in BATCHES.items():
+    row(["batch", "method", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s", "correct"])
+    row(["---"] * 7)
+    failures = []
+    for batch_name in args.batches.split(","):
+        full_lengths = BATCHES[batch_name]
         lengths = [max(1, n // scale) for n in full_lengths]
         batch = make_varlen_inputs(lengths, heads=heads, head_dim=HEAD_DIM, dtype=DTYPE, device=device)
         flops = attention_flops(lengths, lengths, heads, HEAD_DIM)
         for name, (fn, reason) in methods().items():
             if reason is not None:
-                table.append(f"| {batch_name} | {name} | n/a: {reason} | | | |")
+                row([batch_name, name, f"n/a: {reason}", "", "", "", ""])
                 continue
             # Gradients where the method has them: FlexAttention on CPU runs only forward.
             needs_grad = not (name.startswith("Flex") and not ON_CUDA)
             small = [max(1, n // 8) for n in lengths]
             try:
-                notes.append(f"{batch_name} / 8, {name}: {check_scaled(name, fn, small, heads, device, needs_grad)}")
-                notes.append(f"{batch_name}, {name}: full-size forward, 64 rows per sample: max error "
-                             f"{check_rows(fn, batch):.1e}")  # fmt: skip
+                # A wrong result is reported in its row and fails the run at the end, after the timings.
+                try:
+                    verdict = check_scaled(name, fn, small, heads, device, needs_grad)
+                    verdict += f"; full size, 64 rows per sample: out {check_rows(fn, batch):.1e}"
+                    ok = "yes"
+                except AssertionError as exc:
+                    verdict, ok = f"FAILED: {exc}", "NO"
+                    failures.append(f"{batch_name}, {name}: {exc}")
+                print(f"  {batch_name} / 8, {name}: max abs error vs float64: {verdict}", flush=True)
                 fwd = time_method(fn, batch, backward=False)
                 both = time_method(fn, batch, backward=True) if needs_grad else None
             except torch.OutOfMemoryError:
-                table.append(f"| {batch_name} | {name} | out of memory | | | |")
+                row([batch_name, name, "out of memory", "", "", "", ""])
                 torch.cuda.empty_cache()
                 continue
-            both_cells = f"{both:.3f} | {3.5 * flops / both / 1e9:.3g}" if both else "n/a: no backward here | "
-            table.append(f"| {batch_name} | {name} | {fwd:.3f} | {flops / fwd / 1e9:.3g} | {both_cells} |")
-    print("\n".join(table))
-    print("\ncorrectness on this device (max abs error vs float64):")
-    for line in notes:
-        print(f"- {line}")
+            both_cells = [f"{both:.3f}", f"{3.5 * flops / both / 1e9:.3g}"] if both else ["n/a: no backward here", ""]
+            row([batch_name, name, f"{fwd:.3f}", f"{flops / fwd / 1e9:.3g}", *both_cells, ok])
+        del batch
+        if ON_CUDA:
+            torch.cuda.empty_cache()
+    if failures:
+        raise SystemExit("wrong results:\n" + "\n".join(failures))
 
 
 if __name__ == "__main__":
