@@ -105,6 +105,29 @@ class TestAutoRule:
         monkeypatch.setitem(attention_ops._HAS_KERNEL, "cuda", False)
         assert auto_backend("cuda", torch.float16, 128) == "sdpa"
 
+    def test_cuda_long_samples_take_sdpa(self, monkeypatch):
+        """Long samples go to one SDPA call per sample (cuDNN), earlier without gradients than with."""
+        monkeypatch.delenv("UNIREF_ATTN_BACKEND", raising=False)
+        monkeypatch.setitem(attention_ops._HAS_KERNEL, "cuda", True)
+        inference, training = attention_ops.SDPA_MIN_TOKENS_INFERENCE, attention_ops.SDPA_MIN_TOKENS_TRAINING
+        assert inference < training
+        assert auto_backend("cuda", torch.bfloat16, 128, inference - 1) == "cuda"
+        assert auto_backend("cuda", torch.bfloat16, 128, inference) == "sdpa"
+        assert auto_backend("cuda", torch.bfloat16, 128, inference, needs_grad=True) == "cuda"
+        assert auto_backend("cuda", torch.bfloat16, 128, training, needs_grad=True) == "sdpa"
+        assert auto_backend("cpu", torch.bfloat16, 128, training) == "cpu"
+
+    def test_varlen_attention_passes_the_shape_to_the_rule(self, monkeypatch):
+        seen = []
+        real = attention_ops.auto_backend
+        monkeypatch.setattr(uniref.attention, "auto_backend", lambda *a: seen.append(a[3:]) or real(*a))
+        q, k, v, cq, ck, mq, mk = make_varlen_inputs([3, 5], [4, 8], heads=2, head_dim=16)
+        uniref.varlen_attention(q, k, v, cq, ck, mq, mk)
+        uniref.varlen_attention(q.requires_grad_(), k, v, cq, ck, mq, mk)
+        with torch.no_grad():
+            uniref.varlen_attention(q, k, v, cq, ck, mq, mk)
+        assert seen == [(5.0, False), (5.0, True), (5.0, False)]  # (8 + 12) rows / (2 * 2 samples)
+
     def test_environment_overrides(self, monkeypatch):
         q, k, v, cq, ck, mq, mk = make_varlen_inputs([3, 4], [3, 4], heads=2, head_dim=16)
         calls = []

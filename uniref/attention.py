@@ -67,8 +67,9 @@ def varlen_attention(
         backend: which implementation runs:
 
             * ``"auto"`` (default): `auto_backend`'s rule -- ``UNIREF_ATTN_BACKEND`` if set; CPU tensors:
-              ``"cpu"``; CUDA tensors: ``"cuda"`` for fp16/bf16 with a head dim in `CUDA_HEAD_DIMS`,
-              else ``"flash_attn"`` if installed and applicable, else ``"sdpa"``.
+              ``"cpu"``; CUDA tensors: ``"sdpa"`` when the samples are long (on average at least 1024
+              tokens without gradients, 4096 with), else ``"cuda"`` for fp16/bf16 with a head dim in
+              `CUDA_HEAD_DIMS`, else ``"flash_attn"`` if installed and applicable, else ``"sdpa"``.
             * ``"cpu"``: uniref's C++ kernel (tiled online softmax, fp32 accumulation, OpenMP).
             * ``"cuda"``: uniref's CUDA kernel (fp16/bf16).
             * ``"flash_attn"``: ``flash_attn.flash_attn_varlen_func`` (installed separately, CUDA, fp16/bf16).
@@ -146,7 +147,10 @@ def varlen_attention(
         raise ValueError(f"varlen_attention: softmax_scale must be finite, got {softmax_scale}")
 
     if backend == "auto":
-        chosen = auto_backend(q.device, q.dtype, q.shape[2])
+        batch = cu_seqlens_q.shape[0] - 1
+        tokens = (q.shape[0] + k.shape[0]) / (2 * batch) if batch > 0 else 0.0
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        chosen = auto_backend(q.device, q.dtype, q.shape[2], tokens, needs_grad)
     elif backend in BACKENDS:
         chosen = backend
     else:

@@ -57,8 +57,14 @@ def backend_method(backend):
         return uniref.varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend)
 
     device = "cuda" if ON_CUDA else "cpu"
-    resolved = auto_backend(device, DTYPE, HEAD_DIM) if backend == "auto" else backend
-    return run, unavailable_reason(resolved, device, DTYPE, HEAD_DIM)
+    return run, None if backend == "auto" else unavailable_reason(backend, device, DTYPE, HEAD_DIM)
+
+
+def auto_label(lengths) -> str:
+    """What ``backend="auto"`` picks for this batch, forward only and with gradients."""
+    device, tokens = ("cuda" if ON_CUDA else "cpu"), sum(lengths) / len(lengths)
+    fwd, train = (auto_backend(device, DTYPE, HEAD_DIM, tokens, grad) for grad in (False, True))
+    return f"uniref auto (= {fwd})" if fwd == train else f"uniref auto (= {fwd} fwd, {train} fwd+bwd)"
 
 
 def torch_varlen_method():
@@ -77,11 +83,11 @@ def padded_method():
     return (lambda q, k, v, cq, ck, mq, mk: padded_sdpa_attention(q, k, v, cq, ck)), None
 
 
-def methods() -> dict:
+def methods(lengths) -> dict:
     """name -> (fn(q, k, v, cq, ck, mq, mk) -> out, reason it cannot run here or None)."""
     return {
         f"uniref ({OURS})": backend_method(OURS),
-        f"uniref auto (= {auto_backend('cuda' if ON_CUDA else 'cpu', DTYPE, HEAD_DIM)})": backend_method("auto"),
+        auto_label(lengths): backend_method("auto"),
         "SDPA per sample": backend_method("sdpa"),
         "SDPA padded + key mask": padded_method(),
         "torch varlen_attn": torch_varlen_method(),
@@ -175,7 +181,7 @@ def main(argv=None):
         lengths = [max(1, n // scale) for n in full_lengths]
         batch = make_varlen_inputs(lengths, heads=heads, head_dim=HEAD_DIM, dtype=DTYPE, device=device)
         flops = attention_flops(lengths, lengths, heads, HEAD_DIM)
-        for name, (fn, reason) in methods().items():
+        for name, (fn, reason) in methods(lengths).items():
             if reason is not None:
                 row([batch_name, name, f"n/a: {reason}", "", "", "", ""])
                 continue

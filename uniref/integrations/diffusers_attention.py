@@ -40,7 +40,8 @@ class VarlenJointAttnProcessor:
 
     Args:
         backend: passed to `uniref.varlen_attention` (``"auto"``: uniref's kernel on CPU and on CUDA
-            when it applies, see `uniref.attention.auto_backend`).
+            when it applies, one SDPA call per sample for long samples on CUDA: see
+            `uniref.attention.auto_backend`).
     """
 
     def __init__(self, backend: str = "auto"):

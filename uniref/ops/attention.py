@@ -113,17 +113,34 @@ def available_backends(device: torch.device | str, dtype: torch.dtype = torch.fl
     return [name for name in BACKENDS if unavailable_reason(name, device, dtype, head_dim) is None]
 
 
-def auto_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str:
+# Mean tokens per sample from which one SDPA call per sample (cuDNN inside PyTorch) beats uniref's CUDA
+# kernel on an H100, forward only / forward + backward. Measured by benchmarks/gpu/attention.py
+# (benchmarks/results/attention_h100.md): SDPA per sample wins at ~1900 tokens forward but loses there
+# forward + backward; it wins both from ~7200 tokens and loses both at ~500.
+SDPA_MIN_TOKENS_INFERENCE = 1024
+SDPA_MIN_TOKENS_TRAINING = 4096
+
+
+def auto_backend(
+    device: torch.device | str, dtype: torch.dtype, head_dim: int, tokens_per_sample: float | None = None,
+    needs_grad: bool = False,
+) -> str:
     """The rule behind ``backend="auto"``:
 
     1. ``UNIREF_ATTN_BACKEND`` when set (to anything but ``"auto"``), whatever the inputs;
     2. CPU tensors: ``"cpu"`` (uniref's C++ kernel; every dtype, every head dim);
-    3. CUDA tensors: ``"cuda"`` (uniref's kernel) for float16/bfloat16 with a head dim in
-       `CUDA_HEAD_DIMS` when it is built; else ``"flash_attn"`` when installed and it supports the
-       dtype and head dim; else ``"sdpa"`` (one call per sample: cuDNN / flash inside PyTorch, the
-       fastest peer measured on an H100 at SELF shapes, see ../shared/reference/gpu_anchors.md).
+    3. CUDA tensors, outside ``torch.compile``, when the samples are long -- ``tokens_per_sample``
+       (mean query and key rows per sample) at least `SDPA_MIN_TOKENS_TRAINING` when gradients are
+       needed, `SDPA_MIN_TOKENS_INFERENCE` otherwise: ``"sdpa"``. One SDPA call per sample runs cuDNN's
+       attention, the fastest measured on an H100 at these lengths (581-592 TFLOP/s forward, vs 311-327
+       for uniref's kernel), and its per-call overhead is small against such samples' work;
+    4. CUDA tensors otherwise: ``"cuda"`` (uniref's kernel: one launch for the whole packed batch) for
+       float16/bfloat16 with a head dim in `CUDA_HEAD_DIMS` when it is built; else ``"flash_attn"`` when
+       installed and applicable; else ``"sdpa"``.
 
-    `benchmarks/gpu/attention.py` times ``"auto"`` against every peer, which is how this rule is checked.
+    Inside ``torch.compile`` rule 3 is skipped: the per-sample loop reads the offsets on the host, which
+    breaks the graph. `benchmarks/gpu/attention.py` times ``"auto"`` against every peer, which is how this
+    rule is checked.
     """
     forced = os.environ.get(ENV_BACKEND, "").strip()
     if forced and forced != "auto":
@@ -134,6 +151,9 @@ def auto_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int) 
         return forced
     if torch.device(device).type == "cpu":
         return "cpu"
+    long_from = SDPA_MIN_TOKENS_TRAINING if needs_grad else SDPA_MIN_TOKENS_INFERENCE
+    if tokens_per_sample is not None and tokens_per_sample >= long_from and not torch.compiler.is_compiling():
+        return "sdpa"
     for name in ("cuda", "flash_attn"):
         if unavailable_reason(name, device, dtype, head_dim) is None:
             return name
