@@ -154,14 +154,28 @@ def test_float64_gradcheck():
     assert torch.autograd.gradcheck(f, [t.requires_grad_() for t in (q, k, v)])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_opcheck(dtype):
-    q, k, v, cq, ck, mq, mk = make_varlen_inputs([5, 1, 9], [7, 3, 2], heads=2, head_dim=16, dtype=dtype)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cq, ck, mq, mk, 0.25)
+def opcheck_both_ops(q, k, v, cq, ck, mq, mk, scale):
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cq, ck, mq, mk, scale)
     torch.library.opcheck(_ops.varlen_attn_fwd, args)
     out, lse = _ops.varlen_attn_fwd(*args)
     torch.library.opcheck(_ops.varlen_attn_bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
-                                                 out.detach(), lse, cq, ck, mq, mk, 0.25))  # fmt: skip
+                                                 out.detach(), lse, cq, ck, mq, mk, scale))  # fmt: skip
+
+
+def assert_compiled_grads_match_eager(f, tensors, **compile_kwargs):
+    compiled = torch.compile(f, fullgraph=True, **compile_kwargs)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    eager = [t.clone().requires_grad_() for t in tensors]
+    compiled(*leaves).backward()
+    f(*eager).backward()
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_opcheck(dtype):
+    q, k, v, cq, ck, mq, mk = make_varlen_inputs([5, 1, 9], [7, 3, 2], heads=2, head_dim=16, dtype=dtype)
+    opcheck_both_ops(q, k, v, cq, ck, mq, mk, 0.25)
 
 
 def test_torch_compile_fullgraph():
@@ -170,13 +184,7 @@ def test_torch_compile_fullgraph():
     def f(q, k, v):
         return uniref.varlen_attention(q, k, v, cq, ck, mq, mk, backend="auto").square().sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    eager = [t.clone().requires_grad_() for t in (q, k, v)]
-    compiled(*leaves).backward()
-    f(*eager).backward()
-    for a, b in zip(leaves, eager):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_grads_match_eager(f, (q, k, v), backend="aot_eager")
 
 
 needs_cuda_kernel = pytest.mark.skipif(
@@ -190,11 +198,7 @@ needs_cuda_kernel = pytest.mark.skipif(
 def test_opcheck_cuda(dtype):
     q, k, v, cq, ck, mq, mk = make_varlen_inputs([5, 1, 90], [7, 3, 130], heads=2, head_dim=64, dtype=dtype,
                                                  device="cuda")  # fmt: skip
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cq, ck, mq, mk, 0.125)
-    torch.library.opcheck(_ops.varlen_attn_fwd, args)
-    out, lse = _ops.varlen_attn_fwd(*args)
-    torch.library.opcheck(_ops.varlen_attn_bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
-                                                 out.detach(), lse, cq, ck, mq, mk, 0.125))  # fmt: skip
+    opcheck_both_ops(q, k, v, cq, ck, mq, mk, 0.125)
 
 
 @needs_cuda_kernel
@@ -206,13 +210,7 @@ def test_torch_compile_fullgraph_cuda():
     def f(q, k, v):
         return uniref.varlen_attention(q, k, v, cq, ck, mq, mk, backend="cuda").float().square().sum()
 
-    compiled = torch.compile(f, fullgraph=True)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    eager = [t.clone().requires_grad_() for t in (q, k, v)]
-    compiled(*leaves).backward()
-    f(*eager).backward()
-    for a, b in zip(leaves, eager):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_grads_match_eager(f, (q, k, v))
 
 
 @needs_cuda_kernel
