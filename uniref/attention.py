@@ -18,6 +18,7 @@ from uniref.ops.attention import (
     ENV_BACKEND,
     auto_backend,
     available_backends,
+    mean_tokens_per_sample,
     run_backend,
     unavailable_reason,
 )
@@ -147,10 +148,8 @@ def varlen_attention(
         raise ValueError(f"varlen_attention: softmax_scale must be finite, got {softmax_scale}")
 
     if backend == "auto":
-        batch = cu_seqlens_q.shape[0] - 1
-        tokens = (q.shape[0] + k.shape[0]) / (2 * batch) if batch > 0 else 0.0
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        chosen = auto_backend(q.device, q.dtype, q.shape[2], tokens, needs_grad)
+        chosen = auto_backend(q.device, q.dtype, q.shape[2], mean_tokens_per_sample(q, k, cu_seqlens_q), needs_grad)
     elif backend in BACKENDS:
         chosen = backend
     else:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
 import uniref  # noqa: E402
 from common import bench_ms, card_header  # noqa: E402
 from uniref.attention import auto_backend, available_backends  # noqa: E402
-from uniref.ops.attention import unavailable_reason  # noqa: E402
+from uniref.ops.attention import mean_tokens_per_sample, unavailable_reason  # noqa: E402
 from uniref.ops.attention_reference import (  # noqa: E402
     attention_flops,
     fwd_bwd_step,
@@ -60,10 +60,11 @@ def backend_method(backend):
     return run, None if backend == "auto" else unavailable_reason(backend, device, DTYPE, HEAD_DIM)
 
 
-def auto_label(lengths) -> str:
+def auto_label(batch) -> str:
     """What ``backend="auto"`` picks for this batch, forward only and with gradients."""
-    device, tokens = ("cuda" if ON_CUDA else "cpu"), sum(lengths) / len(lengths)
-    fwd, train = (auto_backend(device, DTYPE, HEAD_DIM, tokens, grad) for grad in (False, True))
+    q, k, _, cq, *_ = batch
+    tokens = mean_tokens_per_sample(q, k, cq)
+    fwd, train = (auto_backend(q.device, DTYPE, HEAD_DIM, tokens, grad) for grad in (False, True))
     return f"uniref auto (= {fwd})" if fwd == train else f"uniref auto (= {fwd} fwd, {train} fwd+bwd)"
 
 
@@ -83,11 +84,11 @@ def padded_method():
     return (lambda q, k, v, cq, ck, mq, mk: padded_sdpa_attention(q, k, v, cq, ck)), None
 
 
-def methods(lengths) -> dict:
+def methods(batch) -> dict:
     """name -> (fn(q, k, v, cq, ck, mq, mk) -> out, reason it cannot run here or None)."""
     return {
         f"uniref ({OURS})": backend_method(OURS),
-        auto_label(lengths): backend_method("auto"),
+        auto_label(batch): backend_method("auto"),
         "SDPA per sample": backend_method("sdpa"),
         "SDPA padded + key mask": padded_method(),
         "torch varlen_attn": torch_varlen_method(),
@@ -181,7 +182,7 @@ def main(argv=None):
         lengths = [max(1, n // scale) for n in full_lengths]
         batch = make_varlen_inputs(lengths, heads=heads, head_dim=HEAD_DIM, dtype=DTYPE, device=device)
         flops = attention_flops(lengths, lengths, heads, HEAD_DIM)
-        for name, (fn, reason) in methods(lengths).items():
+        for name, (fn, reason) in methods(batch).items():
             if reason is not None:
                 row([batch_name, name, f"n/a: {reason}", "", "", "", ""])
                 continue

@@ -122,7 +122,7 @@ const char* varlen_attn_cuda_bwd_unsupported(const VarlenAttnBwdParams& b) {
 
 cudaError_t launch_varlen_attn_fwd(const VarlenAttnParams& p, cudaStream_t stream) {
   if (varlen_attn_cuda_unsupported(p) != nullptr) return cudaErrorInvalidValue;
-  // Before the pointer check: an empty output has no storage (data_ptr() is null).
+  // Empty input returns before the pointer check: an empty output has no storage (data_ptr() is null).
   if (p.total_q == 0 || p.batch == 0 || p.heads == 0 || p.max_seqlen_q == 0) return cudaSuccess;
   if (p.out == nullptr || p.lse == nullptr) return cudaErrorInvalidValue;
   if (p.dtype == AttnDtype::kBFloat16) return fwd_dtype<__nv_bfloat16>(p, stream);

@@ -121,6 +121,12 @@ SDPA_MIN_TOKENS_INFERENCE = 1024
 SDPA_MIN_TOKENS_TRAINING = 4096
 
 
+def mean_tokens_per_sample(q: Tensor, k: Tensor, cu_seqlens_q: Tensor) -> float:
+    """The shape `auto_backend` decides on: mean query and key rows per sample (no device sync)."""
+    batch = cu_seqlens_q.shape[0] - 1
+    return (q.shape[0] + k.shape[0]) / (2 * batch) if batch > 0 else 0.0
+
+
 def auto_backend(
     device: torch.device | str, dtype: torch.dtype, head_dim: int, tokens_per_sample: float | None = None,
     needs_grad: bool = False,
