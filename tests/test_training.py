@@ -66,7 +66,8 @@ def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
     return path
 
 
-def _run(cfg_path: Path, out: Path, *overrides: str, procs: int = 1, check: bool = True, timeout: int = 600):
+def _run(cfg_path: Path, out: Path, *overrides: str, procs: int = 1, check: bool = True, timeout: int = 600,
+         env: dict | None = None):
     if procs == 1:
         cmd = [sys.executable, str(RUN)]
     else:
@@ -75,7 +76,7 @@ def _run(cfg_path: Path, out: Path, *overrides: str, procs: int = 1, check: bool
         cmd = [str(launcher)] if launcher.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
         cmd += ["--num_gpus", str(procs), "--master_port", str(29500 + os.getpid() % 1000), str(RUN)]
     cmd += ["--config", str(cfg_path), "--output", str(out), *overrides]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(cmd, env=_env(**(env or {})), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -227,8 +228,10 @@ def test_msgrpo_raises_the_mean_reward(tmp_path):
 def test_two_process_zero2_matches_one_process(tmp_path, task):
     path = _write(tmp_path, SFT if task == "sft" else MSGRPO)
     one, two = tmp_path / "one", tmp_path / "two"
+    shm_before = _shm_buffers()
     _run(path, one)
     _run(path, two, procs=2)
+    assert _shm_buffers() == shm_before, "a run left shared-memory buffers behind in /dev/shm"
     key = "loss" if task == "sft" else "reward/weighted"
     if task == "sft":
         assert _metric(one, "samples") == _metric(two, "samples")  # the same global batches
@@ -237,6 +240,22 @@ def test_two_process_zero2_matches_one_process(tmp_path, task):
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+def _shm_buffers() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir()} if shm.is_dir() else set()
+
+
+def test_runs_need_no_deepspeed_jit_op(tmp_path):
+    # A DeepSpeed op JIT-built at process-group setup waits forever on a lock that a killed build left behind;
+    # the trainer builds none, so a run with such a lock in its extensions folder still finishes.
+    for name in ("deepspeed_shm_comm", "deepspeed_ccl_comm"):
+        (tmp_path / "ext" / name).mkdir(parents=True)
+        (tmp_path / "ext" / name / "lock").touch()
+    cfg = {**SFT, "sft": {**SFT["sft"], "stages": [{"pixel_budget": 4096, "steps": 1}]}}
+    _run(_write(tmp_path, cfg), tmp_path / "out", timeout=120, env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    assert (tmp_path / "out" / "final").is_dir()
 
 
 def test_killed_run_resumes_bitwise(tmp_path):

@@ -36,6 +36,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _skip_shm_comm_op(deepspeed) -> None:
+    """Keeps DeepSpeed from JIT-building its CPU shared-memory all-reduce op at process-group setup.
+
+    That op serves only ``inference_all_reduce``, which training never calls, yet building it costs a C++
+    compile on every fresh machine, a killed build leaves a lock in ``~/.cache/torch_extensions`` on which
+    every later run waits forever, and each process leaks a 64 MiB ``/dev/shm`` buffer it never unlinks.
+    Gradient reduction goes through the gloo / nccl process group either way.
+    """
+    try:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except (AttributeError, TypeError):  # a DeepSpeed without the probe table has no such op to skip
+        pass
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """Joins (or, under plain ``python``, creates) the process group: gloo on CPU, nccl on GPUs."""
     if "RANK" not in os.environ:  # plain `python training/run.py`: a world of one
@@ -46,6 +60,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    _skip_shm_comm_op(deepspeed)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
