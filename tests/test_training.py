@@ -250,9 +250,8 @@ def _shm_buffers() -> set[str]:
 def test_runs_need_no_deepspeed_jit_op(tmp_path):
     # A DeepSpeed op JIT-built at process-group setup waits forever on a lock that a killed build left behind;
     # the trainer builds none, so a run with such a lock in its extensions folder still finishes.
-    for name in ("deepspeed_shm_comm", "deepspeed_ccl_comm"):
-        (tmp_path / "ext" / name).mkdir(parents=True)
-        (tmp_path / "ext" / name / "lock").touch()
+    (tmp_path / "ext" / "deepspeed_shm_comm").mkdir(parents=True)
+    (tmp_path / "ext" / "deepspeed_shm_comm" / "lock").touch()
     cfg = {**SFT, "sft": {**SFT["sft"], "stages": [{"pixel_budget": 4096, "steps": 1}]}}
     _run(_write(tmp_path, cfg), tmp_path / "out", timeout=120, env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
     assert (tmp_path / "out" / "final").is_dir()
