@@ -16,16 +16,11 @@ extra_info["speedup_vs"] once every entry of its group has run (benchmarks/conft
 
 import pytest
 import torch
+from attention_peers import attention_flops, fwd_bwd_step, padded_sdpa_attention
 from ratios import record
 
 import uniref
-from uniref.ops.attention_reference import (
-    attention_flops,
-    fwd_bwd_step,
-    make_varlen_inputs,
-    padded_sdpa_attention,
-    varlen_attention_reference,
-)
+from uniref.testing.attention import make_varlen_inputs, varlen_attention_reference
 
 LENGTHS = (1187, 311, 903, 642)
 HEADS, HEAD_DIM = 8, 64

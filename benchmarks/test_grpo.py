@@ -16,7 +16,7 @@ import torch
 from ratios import record
 
 import uniref.grpo as grpo
-from uniref.ops.grpo_reference import flow_grpo_loss_reference, group_advantages_reference
+from uniref.testing.grpo import flow_grpo_loss_reference, group_advantages_reference
 
 N, TOKENS, CHANNELS = 24, 1024, 64
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import uniref
-from uniref.ops.packing_reference import pack_reference, unpack_reference
+from uniref.testing.packing import pack_reference, unpack_reference
 
 
 def realistic_batch(seed=0, samples=8, budget=1024 * 1024, vae=8, channels=16):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import uniref
-from uniref.testing import random_edit_pipeline
+from uniref.presets import random_edit_pipeline
 
 REFS = (1, 2, 4, 6, 8)
 MODES = {"uniref_global": "global", "per_image": "per_image"}
@@ -48,11 +48,11 @@ def step_inputs(pipe, refs, budget, mode, target=None):
     g = torch.Generator().manual_seed(0)
     c, dtype, device = pipe.latent_channels, pipe.transformer.dtype, pipe.transformer.device
     latents = [torch.randn(c, h // f, w // f, generator=g).to(device, dtype) for h, w in [(th, tw), *planned]]
-    packed = uniref.pack_latents([latents], patch_size=p)
+    tokens, layout = uniref.pack_latents([latents], patch_size=p)
     with torch.no_grad():
         embeds, lengths = pipe.encode_prompt(["compose the pictures"], [refs], device, dtype)
     t = torch.full((1,), 0.5, device=device, dtype=dtype)
-    return (packed, embeds, lengths, t), sum(packed.image_tokens(0)[1:])
+    return (tokens, embeds, t, layout, lengths), layout.reference_lengths[0]
 
 
 @pytest.fixture(scope="module")

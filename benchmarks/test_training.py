@@ -14,11 +14,11 @@ bound on what padding costs. extra_info records real and padded token counts.
 import pytest
 import torch
 
-from uniref.self import pack_latents
-from uniref.testing import random_edit_pipeline
+from uniref.packing import pack_latents
+from uniref.presets import random_edit_pipeline
 from uniref.training.config import DataConfig
 from uniref.training.data import MicroBatch, encode_micro_batch, make_dataset, plan_micro_batches
-from uniref.training.modules import EditModel
+from uniref.training.modules import EditModel, PromptBatch
 
 from ratios import record
 
@@ -62,7 +62,7 @@ def _inputs(pipe, batch, x0, refs, padded: bool):
 
 def _step(model, packed, prompts, t, target):
     model.zero_grad(set_to_none=True)
-    pred = model(packed, prompts, t, packed.tokens)
+    pred = model(packed.tokens, t, packed.layout, PromptBatch(prompts, [[] for _ in prompts]))
     torch.nn.functional.mse_loss(pred, target).backward()
 
 

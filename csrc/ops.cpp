@@ -30,7 +30,7 @@ TORCH_LIBRARY(uniref, m) {
   // ---- MSGRPO (Flow-GRPO) math -------------------------------------------------------------------
   // No C++ kernels: uniref/ops/grpo.py registers CPU = the fp32 torch reference
   // (uniref/ops/grpo_reference.py) and CUDA = the Triton kernels (uniref/kernels/grpo.py), plus the
-  // fake kernels and the autograd formula. Formulas: ../shared/reference/flow_grpo.md.
+  // fake kernels and the autograd formula. Formulas: docs/flow_grpo.md.
   //
   // Group-normalized advantages. rewards (N, S) float, group_ids (N,) integer keys (equal key = same
   // group), weights (S,) float. normalize_first: normalize each source within its group, then take the

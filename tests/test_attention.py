@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 import uniref
 from uniref.ops.attention import unavailable_reason
-from uniref.ops.attention_reference import cu_seqlens, make_varlen_inputs, varlen_attention_reference
-from conftest import DEVICES
+from uniref.packing import cu_seqlens_from_lengths
+from uniref.testing.attention import make_varlen_inputs, varlen_attention_reference
+from uniref.testing import DEVICES
 
 _ops = torch.ops.uniref
 
@@ -114,7 +115,7 @@ def test_strided_views_of_a_fused_qkv(device):
     lens = [37, 70]
     qkv = torch.randn(sum(lens), 3, 4, 64, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     q, k, v = qkv.unbind(1)
-    cu = cu_seqlens(lens, device)
+    cu = cu_seqlens_from_lengths(lens, device)
     out = uniref.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), backend=device)
     expected = uniref.varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, 70, 70, backend=device)
     assert torch.equal(out, expected)
@@ -236,7 +237,7 @@ def test_cuda_op_unsupported_head_dim_raises():
     (`uniref.varlen_attention` never sends such inputs to the op: its backend check refuses them.)"""
     code = (
         "import torch, uniref\n"
-        "from uniref.ops.attention_reference import make_varlen_inputs\n"
+        "from uniref.testing.attention import make_varlen_inputs\n"
         "q, k, v, cq, ck, mq, mk = make_varlen_inputs([3, 4], [2, 5], heads=2, head_dim=48, dtype=torch.bfloat16, "
         "device='cuda')\n"
         "try:\n"

@@ -14,7 +14,7 @@ import torch
 
 from uniref.edit_cli import add_edit_parser, load_image, write_image_atomic
 from uniref.pipelines import UniRefEditPipeline
-from uniref.testing import random_edit_pipeline
+from uniref.presets import random_edit_pipeline
 
 
 def cli(argv):

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import uniref.grpo as grpo
-from conftest import DEVICES
-from test_grpo_reference import loss_inputs
-from uniref.ops import grpo_reference as ref
+from uniref.testing import DEVICES
+from uniref.testing import grpo as ref
+from uniref.testing.grpo import loss_inputs
 
 F64 = torch.float64
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}

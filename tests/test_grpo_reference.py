@@ -1,5 +1,5 @@
-"""The MSGRPO torch references (uniref/ops/grpo_reference.py) and the SDE step, checked in float64
-against second implementations written from scratch out of shared/reference/flow_grpo.md: per-sample
+"""The MSGRPO torch references (uniref/testing/grpo.py) and the SDE step, checked in float64
+against second implementations written from scratch out of docs/flow_grpo.md: per-sample
 Python/numpy math, numpy per-group loops (as Flow-GRPO's stat tracker), torch.distributions."""
 
 import math
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import uniref.grpo as grpo
-from uniref.ops import grpo_reference as ref
+from uniref.testing import grpo as ref
+from uniref.testing.grpo import loss_inputs
 
 F64 = torch.float64
 
@@ -184,29 +185,6 @@ def loss_from_scratch(x_next, mean, old, adv, std, clip_range, mean_ref, beta, g
         terms.append(max(-adv[i] * ratio, -adv[i] * min(max(ratio, 1 - clip_range), 1 + clip_range)))
         kls.append(np.mean((mean[i] - mean_ref[i]) ** 2) / (2 * std[i] ** 2) if mean_ref is not None else 0.0)
     return np.mean(terms) + beta * np.mean(kls)
-
-
-def loss_inputs(n=5, shape=(3, 7), dtype=F64, clip_regime="mixed", seed=0, latent_dtype=F64):
-    """Inputs whose ratios sit clearly inside or outside the clip range (never on its edge), with the
-    latents representable in `latent_dtype` (so the old log-probs are exact for them too)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def latent(t):
-        return t.to(latent_dtype).to(F64)
-
-    x_next = latent(torch.randn(n, *shape, generator=g, dtype=F64))
-    mean = latent(x_next + 0.3 * torch.randn(n, *shape, generator=g, dtype=F64))
-    mean_ref = latent(mean + 0.05 * torch.randn(n, *shape, generator=g, dtype=F64))
-    step_std = 0.2 + torch.rand(n, generator=g, dtype=F64)
-    adv = torch.randn(n, generator=g, dtype=F64)
-    logp = ref.log_prob_reference(x_next, mean, step_std)
-    shift = {"inside": 2e-5, "outside": 3e-3, "mixed": None}[clip_regime]
-    if shift is None:
-        offsets = torch.tensor([(-1) ** i * (2e-5 if i % 2 else 3e-3) for i in range(n)], dtype=F64)
-    else:
-        offsets = torch.tensor([(-1) ** i * shift for i in range(n)], dtype=F64)
-    old = logp + offsets
-    return [t.to(dtype) for t in (x_next, mean, old, adv, step_std, mean_ref)]
 
 
 @pytest.mark.parametrize("gaussian", [True, False], ids=["sde", "cps"])

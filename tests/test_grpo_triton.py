@@ -20,9 +20,9 @@ pytest.importorskip("triton")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from test_grpo_reference import loss_inputs  # noqa: E402
 from uniref.kernels import grpo as kernels  # noqa: E402
-from uniref.ops import grpo_reference as ref  # noqa: E402
+from uniref.testing import grpo as ref
+from uniref.testing.grpo import loss_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64

@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import uniref
-from uniref.ops.packing_reference import (
+from uniref.testing.packing import (
     concat_joint_reference,
     pack_reference,
     split_joint_reference,
     unpack_reference,
 )
-from conftest import DEVICES
+from uniref.testing import DEVICES
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -40,9 +40,14 @@ LAYOUTS = {
 def assert_same(packed, latents, p):
     tokens, pos, cu = pack_reference(latents, p)
     assert torch.equal(packed.tokens, tokens)
-    assert torch.equal(packed.position_ids, pos)
-    assert torch.equal(packed.cu_seqlens, cu)
-    assert packed.max_seqlen == int((cu[1:] - cu[:-1]).max())
+    assert torch.equal(packed.layout.position_ids, pos)
+    assert torch.equal(packed.layout.cu_seqlens, cu)
+    assert packed.layout.max_seqlen == int((cu[1:] - cu[:-1]).max())
+    # the same layout from the sizes alone, without tokens
+    sizes = [[tuple(x.shape[1:]) for x in sample] for sample in latents]
+    alone = uniref.SequenceLayout.from_image_sizes(sizes, latents[0][0].shape[0], p, tokens.device)
+    assert torch.equal(alone.position_ids, pos) and torch.equal(alone.cu_seqlens, cu)
+    assert alone.image_sizes == packed.layout.image_sizes
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -52,7 +57,7 @@ def test_pack_unpack_matches_reference(layout, dtype, device, poison):
     latents = make_batch(layout, dtype=dtype, device=device)
     packed = uniref.pack_latents(latents)
     assert_same(packed, latents, 2)
-    back = uniref.unpack_latents(packed.tokens, packed)
+    back = uniref.unpack_latents(*packed)
     for sample_in, sample_out in zip(latents, back):
         assert len(sample_in) == len(sample_out)
         for a, b in zip(sample_in, sample_out):
@@ -86,13 +91,30 @@ def test_layout_matches_diffusers_qwenimage():
 
 def test_packed_metadata():
     latents = make_batch([[(2, 3), (1, 1)], [(4, 4)]])
+    tokens, layout = uniref.pack_latents(latents)
+    assert layout.batch_size == 2
+    assert layout.seqlens == [7, 16]
+    assert layout.image_tokens(0) == [6, 1]
+    assert layout.target_slices() == [slice(0, 6), slice(7, 23)]
+    assert layout.cu_seqlens.dtype == torch.int32
+    assert layout.image_sizes == (((4, 6), (2, 2)), ((8, 8),))
+    assert layout.target_lengths == [6, 16] and layout.reference_lengths == [1, 0]
+    assert layout.cu_targets.tolist() == [0, 6, 22] and layout.cu_references.tolist() == [0, 1, 1]
+    assert layout.targets().image_sizes == (((4, 6),), ((8, 8),))
+    assert layout.repeat(2).seqlens == [7, 16, 7, 16] and layout.select([1]).seqlens == [16]
+    assert uniref.cu_seqlens_from_lengths([3, 0, 2]).tolist() == [0, 3, 3, 5]
+
+
+def test_packed_latents_still_reads_as_before():
+    """The attributes `PackedLatents` had before the layout had its own object still read (deprecated)."""
+    latents = make_batch([[(2, 3), (1, 1)], [(4, 4)]])
     packed = uniref.pack_latents(latents)
-    assert packed.batch_size == 2
-    assert packed.seqlens == [7, 16]
-    assert packed.image_tokens(0) == [6, 1]
-    assert packed.target_slices() == [slice(0, 6), slice(7, 23)]
-    assert packed.cu_seqlens.dtype == torch.int32
-    assert packed.image_sizes == (((4, 6), (2, 2)), ((8, 8),))
+    assert packed.batch_size == packed.layout.batch_size and packed.seqlens == packed.layout.seqlens
+    assert packed.image_tokens(0) == [6, 1] and packed.target_slices() == packed.layout.target_slices()
+    assert torch.equal(packed.cu_seqlens, packed.layout.cu_seqlens) and packed.max_seqlen == 16
+    assert [tuple(x.shape[1:]) for x in uniref.unpack_latents(packed.tokens, packed)[0]] == [(4, 6), (2, 2)]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        packed.nope
 
 
 @settings(max_examples=30, deadline=None)
@@ -107,7 +129,7 @@ def test_round_trip_property(layout, channels, p):
     latents = make_batch(layout, channels=channels, p=p)
     packed = uniref.pack_latents(latents, patch_size=p)
     assert_same(packed, latents, p)
-    back = uniref.unpack_latents(packed.tokens, packed)
+    back = uniref.unpack_latents(*packed)
     assert all(torch.equal(a, b) for s, t in zip(latents, back) for a, b in zip(s, t))
 
 
@@ -121,7 +143,7 @@ def test_gradients_flow_through_pack_and_unpack(device):
     packed = uniref.pack_latents(latents)
     weight = torch.randn_like(packed.tokens)
     (packed.tokens * weight).sum().backward()
-    expected = unpack_reference(weight, packed.image_sizes, 2)
+    expected = unpack_reference(weight, packed.layout.image_sizes, 2)
     for x, g in zip(flat, [g for s in expected for g in s]):
         assert torch.equal(x.grad, g)
 
@@ -158,8 +180,8 @@ def test_torch_compile_pack_unpack():
     latents = make_batch([[(2, 3), (1, 1)], [(2, 2)]], channels=4)
 
     def round_trip(xs):
-        packed = uniref.pack_latents(xs)
-        return uniref.unpack_latents(packed.tokens * 2, packed)
+        tokens, layout = uniref.pack_latents(xs)
+        return uniref.unpack_latents(tokens * 2, layout)
 
     compiled = torch.compile(round_trip, fullgraph=True, backend="inductor")
     out = compiled(latents)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from uniref.synthetic.results import END, START, main, paired_bootstrap, replace_block
-from uniref.testing import random_edit_pipeline
+from uniref.presets import random_edit_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -128,7 +128,7 @@ def test_eval_cli_refuses_models_it_cannot_run(tmp_path, capsys, model, words):
 
 
 def test_eval_runs_a_saved_pipeline_folder(tmp_path, capsys):
-    from uniref.testing import random_edit_pipeline
+    from uniref.presets import random_edit_pipeline
 
     random_edit_pipeline("tiny").save_pretrained(tmp_path / "model")
     assert main(["--model", str(tmp_path / "model"), "--suite", "compose-2-3", "--limit", "2",

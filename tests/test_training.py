@@ -285,7 +285,7 @@ def test_killed_run_resumes_bitwise(tmp_path):
 
 def test_sft_loss_unit_and_gradient_checkpointing():
     """In-process: the loss is the velocity MSE on target tokens, and checkpointing changes nothing."""
-    from uniref.testing import random_edit_pipeline
+    from uniref.presets import random_edit_pipeline
     from uniref.training.data import make_dataset, plan_micro_batches
     from uniref.training.modules import EditModel
     from uniref.training.sft import sft_loss
@@ -335,7 +335,7 @@ def test_change_weighted_sft_loss():
     its target, the weighted loss is the plain one."""
     import dataclasses
 
-    from uniref.testing import random_edit_pipeline
+    from uniref.presets import random_edit_pipeline
     from uniref.training.data import make_dataset, plan_micro_batches
     from uniref.training.modules import EditModel
     from uniref.training.sft import sft_loss
@@ -419,7 +419,7 @@ def test_lora_msgrpo_with_kl_trains_adapters_only_and_exports_a_plain_model(tmp_
     assert all(r["kl"] >= 0 for r in read_metrics(out / "metrics.jsonl"))
     pipe = UniRefEditPipeline.from_pretrained(out / "final")
     assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
-    from uniref.testing import random_edit_pipeline
+    from uniref.presets import random_edit_pipeline
 
     start = random_edit_pipeline("tiny", seed=1)
     changed = [n for n, p in pipe.transformer.named_parameters()

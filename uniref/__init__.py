@@ -2,8 +2,10 @@
 
 Public API:
     plan_reference_sizes   SELF's global pixel-budget planner
-    pack_latents           batch of (target + references) latents -> packed tokens, cu_seqlens, position ids
+    pack_latents           batch of (target + references) latents -> (tokens, SequenceLayout)
+    SequenceLayout         where every image's tokens sit: offsets, position ids, target/reference split
     unpack_latents         the exact inverse
+    cu_seqlens_from_lengths  lengths -> int32 offsets
     concat_joint / split_joint   per-sample [text ; image] joint sequences for MMDiT attention
     varlen_attention       block-diagonal attention over packed sequences (several backends)
     sde_step_with_logprob  Flow-GRPO SDE step with per-sample log-probabilities
@@ -20,9 +22,11 @@ from uniref import ops  # noqa: E402,F401  (loads uniref._C)
 from uniref.attention import varlen_attention  # noqa: E402
 from uniref.grpo import flow_grpo_loss, group_advantages, sde_step_with_logprob  # noqa: E402
 from uniref.info import build_info, info  # noqa: E402
-from uniref.self import (  # noqa: E402
+from uniref.packing import (  # noqa: E402
     PackedLatents,
+    SequenceLayout,
     concat_joint,
+    cu_seqlens_from_lengths,
     pack_latents,
     plan_reference_sizes,
     split_joint,
@@ -53,12 +57,14 @@ __all__ = [
     "ByteTextEncoder",
     "PackedLatents",
     "QwenVLPromptEncoder",
+    "SequenceLayout",
     "UniRefEditPipeline",
     "UniRefEditPipelineOutput",
     "UniRefTransformer2DModel",
     "VarlenJointAttnProcessor",
     "build_info",
     "concat_joint",
+    "cu_seqlens_from_lengths",
     "flow_grpo_loss",
     "group_advantages",
     "info",

@@ -24,7 +24,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from uniref.self import pack_latents, plan_reference_sizes
+    from uniref.packing import pack_latents, plan_reference_sizes
 
     sizes = args.size or _DEMO_SIZES
     vae, patch = 8, 2

@@ -1,5 +1,5 @@
 """MSGRPO math: the Flow-GRPO SDE step with log-probabilities, multi-source group advantages and the
-clipped policy loss (formulas: `shared/reference/flow_grpo.md`).
+clipped policy loss (formulas: `docs/flow_grpo.md`).
 
     x_next, mean, log_prob, step_std = sde_step_with_logprob(x_t, v, sigma, sigma_next, noise_level)
     advantages, stats = group_advantages(rewards, group_ids)             # once per rollout batch
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from uniref import ops as _ops_module  # noqa: F401  (registers the ops)
-from uniref.ops.grpo_reference import compute_dtype, sde_step_reference
+from uniref.testing.grpo import compute_dtype, sde_step_reference
 
 _ops = torch.ops.uniref
 
@@ -416,7 +416,7 @@ def flow_grpo_loss(
             still reported in the stats.
         kl_std: (N,) the std in the KL's denominator, > 0; defaults to step_std.
         kind: "sde" (Gaussian log-prob) or "cps" (log_prob = -mean((x_next - mean)^2)); must match how
-            old_log_prob was computed. An addition to the issue's signature, keyword at the end.
+            old_log_prob was computed (keyword only, at the end).
 
     Returns:
         loss: () float32 (float64 if an input is float64).

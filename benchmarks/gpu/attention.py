@@ -1,5 +1,5 @@
 """GPU check of varlen attention: correctness on the card, then forward and forward + backward TFLOP/s of
-our CUDA kernel and every peer present, for the packed SELF batches of ../shared/reference/gpu_anchors.md
+our CUDA kernel and every peer present, for the packed SELF batches of docs/gpu_anchors.md
 (bf16, 24 heads x 128): B1024 = 4 samples of 8448 / 6344 / 7468 / 6580 tokens, B2048 = 20736 / 13532;
 then two batches of many shorter samples, where one SDPA call per sample pays its launches many times
 (B512x16: 16 samples of 1500-2300 tokens; B256x64: 64 samples of 350-650), which place the crossover
@@ -28,18 +28,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # attention_peers.py
 
 import uniref  # noqa: E402
+from attention_peers import attention_flops, fwd_bwd_step, padded_sdpa_attention  # noqa: E402
 from common import bench_ms, card_header  # noqa: E402
 from uniref.attention import auto_backend, available_backends  # noqa: E402
 from uniref.ops.attention import mean_tokens_per_sample, unavailable_reason  # noqa: E402
-from uniref.ops.attention_reference import (  # noqa: E402
-    attention_flops,
-    fwd_bwd_step,
-    make_varlen_inputs,
-    padded_sdpa_attention,
-    varlen_attention_reference,
-)
+from uniref.testing.attention import make_varlen_inputs, varlen_attention_reference  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
 BATCHES = {

@@ -26,7 +26,7 @@ import uniref.grpo as grpo  # noqa: E402
 from common import bench_ms, card_header, copy_bandwidth_gbs  # noqa: E402
 from test_grpo import advantage_batch, advantages_numpy_loop, loss_batch  # noqa: E402
 from uniref.kernels import grpo as kernels  # noqa: E402
-from uniref.ops.grpo_reference import flow_grpo_loss_reference, group_advantages_reference  # noqa: E402
+from uniref.testing.grpo import flow_grpo_loss_reference, group_advantages_reference  # noqa: E402
 
 CLIP, BETA = 1e-4, 0.04
 ON_CUDA = torch.cuda.is_available()

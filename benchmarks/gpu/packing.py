@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for
 import uniref  # noqa: E402
 from common import bench_ms, card_header, copy_bandwidth_gbs  # noqa: E402
 from test_packing import realistic_batch  # noqa: E402
-from uniref.ops.packing_reference import concat_joint_reference, pack_reference  # noqa: E402
+from uniref.testing.packing import concat_joint_reference, pack_reference  # noqa: E402
 
 
 def check(device, dtype, samples, row_shape):
@@ -26,16 +26,16 @@ def check(device, dtype, samples, row_shape):
     packed = uniref.pack_latents(batch)
     tokens, pos, cu = pack_reference(batch, 2)
     assert torch.equal(packed.tokens, tokens), "pack_latents tokens differ from the reference"
-    assert torch.equal(packed.position_ids, pos) and torch.equal(packed.cu_seqlens, cu)
-    back = uniref.unpack_latents(packed.tokens, packed)
+    assert torch.equal(packed.layout.position_ids, pos) and torch.equal(packed.layout.cu_seqlens, cu)
+    back = uniref.unpack_latents(*packed)
     assert all(torch.equal(a, b) for s, t in zip(batch, back) for a, b in zip(s, t)), "unpack is not exact"
     # joint [text ; image] streams with rows shaped like the model's q/k/v (heads, head_dim)
     lens_t = [77 + 13 * b for b in range(samples)]
     cu_t = torch.tensor([0] + lens_t, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
     text = torch.randn(sum(lens_t), *row_shape, device=device, dtype=dtype)
     image = torch.randn(packed.tokens.shape[0], *row_shape, device=device, dtype=dtype)
-    joint, _ = uniref.concat_joint(text, cu_t, image, packed.cu_seqlens)
-    assert torch.equal(joint, concat_joint_reference(text, cu_t, image, packed.cu_seqlens)), "joint_concat differs"
+    joint, _ = uniref.concat_joint(text, cu_t, image, packed.layout.cu_seqlens)
+    assert torch.equal(joint, concat_joint_reference(text, cu_t, image, packed.layout.cu_seqlens)), "joint_concat differs"
     return batch, packed, (text, cu_t, image)
 
 
@@ -65,7 +65,7 @@ def main(argv=None):
                   f"{copy:.0f} | {gbs / copy:.2f} |")
         joint_bytes = (text.numel() + image.numel()) * text.element_size()
         joint_copy = copy_bandwidth_gbs(joint_bytes, device)
-        ms = bench_ms(lambda: torch.ops.uniref.joint_concat(text, image, cu_t, packed.cu_seqlens))
+        ms = bench_ms(lambda: torch.ops.uniref.joint_concat(text, image, cu_t, packed.layout.cu_seqlens))
         gbs = 2 * joint_bytes / ms / 1e6
         print(f"| {str(dtype).split('.')[-1]} | joint_concat {tuple(row_shape)} | {text.shape[0] + image.shape[0]} | "
               f"{ms:.4f} | {gbs:.0f} | {joint_copy:.0f} | {gbs / joint_copy:.2f} |")

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from uniref.attention import varlen_attention
-from uniref.self import concat_joint, split_joint
+from uniref.packing import concat_joint, split_joint
 
 __all__ = ["VarlenJointAttnProcessor", "use_varlen_attention"]
 

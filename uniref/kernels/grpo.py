@@ -1,7 +1,7 @@
 """Triton kernels for the MSGRPO (Flow-GRPO) math: group advantages and the clipped policy loss.
 
 At training sizes (24 samples x 4096 tokens x 64 channels) the loss is bound by launches and host work,
-not bandwidth (`shared/reference/gpu_anchors.md`), so everything per sample happens on the device:
+not bandwidth (`docs/gpu_anchors.md`), so everything per sample happens on the device:
 
 * `flow_grpo_loss_forward`: ONE kernel (plus the 4-byte zero fill of its ticket counter). A (split, N)
   grid of programs each reduces a chunk of one sample (sum of (x_next - mean)^2 and of

@@ -12,7 +12,7 @@ and different prompt lengths run in one forward, and attention never crosses sam
 
 from __future__ import annotations
 
-import itertools
+import warnings
 import weakref
 from collections.abc import Sequence
 
@@ -24,7 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import RMSNorm
 from torch import Tensor, nn
 
-from uniref.self import PackedLatents, concat_joint, split_joint
+from uniref.packing import PackedLatents, SequenceLayout, concat_joint, cu_seqlens_from_lengths, split_joint
 
 ROPE_SCHEMES = ("msrope", "corner")
 
@@ -35,7 +35,7 @@ ROPE_SCHEMES = ("msrope", "corner")
 
 
 def rope_positions(
-    packed: PackedLatents, text_lengths: Sequence[int], scheme: str = "msrope"
+    layout: SequenceLayout, text_lengths: Sequence[int], scheme: str = "msrope"
 ) -> tuple[Tensor, Tensor]:
     """3-D rotary positions (frame, row, col) of every image token and every text token.
 
@@ -50,10 +50,12 @@ def rope_positions(
     """
     if scheme not in ROPE_SCHEMES:
         raise ValueError(f"rope scheme must be one of {ROPE_SCHEMES}, got {scheme!r}")
-    device = packed.position_ids.device
-    p = packed.patch_size
+    if isinstance(layout, PackedLatents):
+        layout = layout.layout
+    device = layout.position_ids.device
+    p = layout.patch_size
     offsets, counts, text_start = [], [], []
-    for sample in packed.image_sizes:
+    for sample in layout.image_sizes:
         grid = [(h // p, w // p) for h, w in sample]
         if scheme == "msrope":
             offsets += [(hp - hp // 2, wp - wp // 2) for hp, wp in grid]
@@ -66,9 +68,9 @@ def rope_positions(
         torch.tensor(offsets, dtype=torch.int32, device=device),
         torch.tensor(counts, device=device),
         dim=0,
-        output_size=packed.position_ids.shape[0],
+        output_size=layout.position_ids.shape[0],
     )
-    image_pos = packed.position_ids.clone()
+    image_pos = layout.position_ids.clone()
     image_pos[:, 1:] -= per_token
     lengths = torch.tensor(list(text_lengths), device=device)
     total = int(sum(text_lengths))
@@ -133,22 +135,22 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
         self.to_add_out = nn.Linear(inner, dim)
 
-    def forward(self, img: Tensor, txt: Tensor, layout: "_Layout", backend: str) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, derived: "_Derived", backend: str) -> tuple[Tensor, Tensor]:
         from uniref import varlen_attention
 
         heads = lambda t: t.unflatten(-1, (self.heads, self.head_dim))  # noqa: E731
-        img_q = apply_rope(self.norm_q(heads(self.to_q(img))), *layout.img_rope)
-        img_k = apply_rope(self.norm_k(heads(self.to_k(img))), *layout.img_rope)
+        img_q = apply_rope(self.norm_q(heads(self.to_q(img))), *derived.img_rope)
+        img_k = apply_rope(self.norm_k(heads(self.to_k(img))), *derived.img_rope)
         img_v = heads(self.to_v(img))
-        txt_q = apply_rope(self.norm_added_q(heads(self.add_q_proj(txt))), *layout.txt_rope)
-        txt_k = apply_rope(self.norm_added_k(heads(self.add_k_proj(txt))), *layout.txt_rope)
+        txt_q = apply_rope(self.norm_added_q(heads(self.add_q_proj(txt))), *derived.txt_rope)
+        txt_k = apply_rope(self.norm_added_k(heads(self.add_k_proj(txt))), *derived.txt_rope)
         txt_v = heads(self.add_v_proj(txt))
 
-        q, cu = concat_joint(txt_q, layout.cu_txt, img_q, layout.cu_img)
-        k, _ = concat_joint(txt_k, layout.cu_txt, img_k, layout.cu_img)
-        v, _ = concat_joint(txt_v, layout.cu_txt, img_v, layout.cu_img)
-        out = varlen_attention(q, k, v, cu, cu, layout.max_joint, layout.max_joint, backend=backend)
-        txt_out, img_out = split_joint(out.flatten(1), layout.cu_txt, layout.cu_img, txt.shape[0])
+        q, cu = concat_joint(txt_q, derived.cu_txt, img_q, derived.cu_img)
+        k, _ = concat_joint(txt_k, derived.cu_txt, img_k, derived.cu_img)
+        v, _ = concat_joint(txt_v, derived.cu_txt, img_v, derived.cu_img)
+        out = varlen_attention(q, k, v, cu, cu, derived.max_joint, derived.max_joint, backend=backend)
+        txt_out, img_out = split_joint(out.flatten(1), derived.cu_txt, derived.cu_img, txt.shape[0])
         return self.to_out[0](img_out), self.to_add_out(txt_out)
 
 
@@ -167,18 +169,18 @@ class DualStreamBlock(nn.Module):
         self.img_mlp = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
         self.txt_mlp = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
 
-    def forward(self, img: Tensor, txt: Tensor, img_temb: Tensor, txt_temb: Tensor, layout: "_Layout", backend: str):
+    def forward(self, img: Tensor, txt: Tensor, img_temb: Tensor, txt_temb: Tensor, derived: "_Derived", backend: str):
         img_mod1, img_mod2 = self.img_mod(img_temb).chunk(2, dim=-1)
         txt_mod1, txt_mod2 = self.txt_mod(txt_temb).chunk(2, dim=-1)
 
-        img_in, img_gate = modulate(self.img_norm1(img), img_mod1, layout.img_segment)
-        txt_in, txt_gate = modulate(self.txt_norm1(txt), txt_mod1, layout.txt_segment)
-        img_attn, txt_attn = self.attn(img_in, txt_in, layout, backend)
+        img_in, img_gate = modulate(self.img_norm1(img), img_mod1, derived.img_segment)
+        txt_in, txt_gate = modulate(self.txt_norm1(txt), txt_mod1, derived.txt_segment)
+        img_attn, txt_attn = self.attn(img_in, txt_in, derived, backend)
         img = img + img_gate * img_attn
         txt = txt + txt_gate * txt_attn
 
-        img_in, img_gate = modulate(self.img_norm2(img), img_mod2, layout.img_segment)
-        txt_in, txt_gate = modulate(self.txt_norm2(txt), txt_mod2, layout.txt_segment)
+        img_in, img_gate = modulate(self.img_norm2(img), img_mod2, derived.img_segment)
+        txt_in, txt_gate = modulate(self.txt_norm2(txt), txt_mod2, derived.txt_segment)
         img = img + img_gate * self.img_mlp(img_in)
         txt = txt + txt_gate * self.txt_mlp(txt_in)
         if img.dtype == torch.float16:  # as the reference model: keep fp16 residuals finite
@@ -210,21 +212,22 @@ class AdaNormOut(nn.Module):
         return self.norm(x) * (1 + scale) + shift
 
 
-class _Layout:
-    """Everything the blocks need to know about a packed batch, computed once per forward."""
+class _Derived:
+    """What the blocks need to know about a batch (segments, offsets, RoPE tables), derived once from its
+    `SequenceLayout` and prompt lengths."""
 
-    def __init__(self, packed: PackedLatents, text_lengths: Sequence[int], zero_cond_t: bool, rope, scheme: str):
-        device = packed.tokens.device
-        b = packed.batch_size
-        self.cu_img = packed.cu_seqlens
-        self.cu_txt = torch.tensor([0] + list(itertools.accumulate(text_lengths)), dtype=torch.int32, device=device)
-        self.max_joint = max(t + s for t, s in zip(text_lengths, packed.seqlens))
-        image_counts = [packed.image_tokens(i) for i in range(b)]
+    def __init__(self, layout: SequenceLayout, text_lengths: Sequence[int], zero_cond_t: bool, rope, scheme: str):
+        device = layout.device
+        b = layout.batch_size
+        self.cu_img = layout.cu_seqlens
+        self.cu_txt = cu_seqlens_from_lengths(text_lengths, device)
+        self.max_joint = max(t + s for t, s in zip(text_lengths, layout.seqlens))
+        targets, refs = layout.target_lengths, layout.reference_lengths
         if zero_cond_t:
             # segment 2i: sample i's target (its timestep), 2i+1: its references (timestep 0)
-            seg = [v for i, c in enumerate(image_counts) for v in ((2 * i, c[0]), (2 * i + 1, sum(c[1:])))]
+            seg = [v for i, (t, r) in enumerate(zip(targets, refs)) for v in ((2 * i, t), (2 * i + 1, r))]
         else:
-            seg = [(i, sum(c)) for i, c in enumerate(image_counts)]
+            seg = [(i, n) for i, n in enumerate(layout.seqlens)]
         ids, counts = zip(*seg)
         self.img_segment = torch.repeat_interleave(
             torch.tensor(ids, device=device), torch.tensor(counts, device=device), output_size=sum(counts)
@@ -233,17 +236,13 @@ class _Layout:
             torch.arange(b, device=device), torch.tensor(list(text_lengths), device=device), output_size=sum(text_lengths)
         )
         self.out_segment = torch.repeat_interleave(
-            torch.arange(b, device=device), torch.tensor([c[0] for c in image_counts], device=device),
-            output_size=sum(c[0] for c in image_counts),
+            torch.arange(b, device=device), torch.tensor(targets, device=device), output_size=sum(targets)
         )
-        img_pos, txt_pos = rope_positions(packed, text_lengths, scheme)
+        img_pos, txt_pos = rope_positions(layout, text_lengths, scheme)
         self.img_rope, self.txt_rope = rope(img_pos), rope(txt_pos)
         # per sample: [target ; references], to keep the target rows only at the end
-        self.cu_target = torch.tensor([0] + list(itertools.accumulate(c[0] for c in image_counts)),
-                                      dtype=torch.int32, device=device)
-        self.cu_refs = torch.tensor([0] + list(itertools.accumulate(sum(c[1:]) for c in image_counts)),
-                                    dtype=torch.int32, device=device)
-        self.target_total = sum(c[0] for c in image_counts)
+        self.cu_target, self.cu_refs = layout.cu_targets, layout.cu_references
+        self.target_total = sum(targets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,43 +305,57 @@ class UniRefTransformer2DModel(ModelMixin, ConfigMixin):
 
     def forward(
         self,
-        packed: PackedLatents,
+        hidden_states: Tensor,
         encoder_hidden_states: Tensor,
-        text_lengths: Sequence[int],
         timestep: Tensor,
-        hidden_states: Tensor | None = None,
+        layout: SequenceLayout,
+        text_lengths: Sequence[int] | None = None,
     ) -> Tensor:
         """Predicts the velocity of every sample's target tokens.
 
         Args:
-            packed: the SELF layout of the batch (`uniref.pack_latents` of [noisy target, refs...] per
-                sample); its ``tokens`` ``(T_img, in_channels)`` are the image stream unless
-                ``hidden_states`` (same shape, e.g. with a new noisy target) is given.
+            hidden_states: ``(T_img, in_channels)`` the image stream: every sample's [noisy target ; refs...]
+                tokens, packed as ``layout`` describes (`uniref.pack_latents`).
             encoder_hidden_states: ``(T_txt, joint_attention_dim)`` every sample's prompt embedding,
                 packed in sample order without padding.
-            text_lengths: tokens of each sample's prompt (host ints), summing to ``T_txt``.
             timestep: ``(B,)`` flow-matching time in [0, 1] of each sample.
-            hidden_states: optional replacement for ``packed.tokens``.
+            layout: the batch's `uniref.SequenceLayout` (offsets, positions, image sizes).
+            text_lengths: tokens of each sample's prompt (host ints), summing to ``T_txt``.
 
         Returns:
-            ``(T_target, out_channels * p * p)``: the target tokens of every sample, packed in order
-            (sample i's rows are ``packed.target_slices()`` relative to a target-only batch); unpack
-            them with the target sizes of ``packed``.
+            ``(T_target, out_channels * p * p)``: the target tokens of every sample, packed in order, laid
+            out as ``layout.targets()``.
+
+        The positional call before the layout had its own object, ``forward(packed, encoder_hidden_states,
+        text_lengths, timestep[, hidden_states])``, still works (deprecated; removed in the next release).
         """
-        tokens = packed.tokens if hidden_states is None else hidden_states
+        if isinstance(hidden_states, PackedLatents):
+            warnings.warn("forward(packed, encoder_hidden_states, text_lengths, timestep, hidden_states) is "
+                          "deprecated; call forward(hidden_states, encoder_hidden_states, timestep, layout, "
+                          "text_lengths)", DeprecationWarning, stacklevel=2)
+            packed, lengths, t = hidden_states, timestep, layout
+            tokens = packed.tokens if text_lengths is None else text_lengths
+            hidden_states, timestep, layout, text_lengths = tokens, t, packed.layout, lengths
+        if text_lengths is None:
+            raise ValueError("text_lengths is required: the prompt tokens of each sample, summing to T_txt")
         text_lengths = [int(n) for n in text_lengths]
-        if len(text_lengths) != packed.batch_size or sum(text_lengths) != encoder_hidden_states.shape[0]:
+        if not isinstance(layout, SequenceLayout):
+            raise ValueError(f"layout must be a uniref.SequenceLayout (from pack_latents), got {type(layout).__name__}")
+        if len(text_lengths) != layout.batch_size or sum(text_lengths) != encoder_hidden_states.shape[0]:
             raise ValueError(
-                f"text_lengths {text_lengths} must give one length per sample ({packed.batch_size}) summing to "
+                f"text_lengths {text_lengths} must give one length per sample ({layout.batch_size}) summing to "
                 f"encoder_hidden_states.shape[0]={encoder_hidden_states.shape[0]}"
             )
-        if timestep.shape != (packed.batch_size,):
-            raise ValueError(f"timestep must have shape ({packed.batch_size},), got {tuple(timestep.shape)}")
-        if tokens.shape != packed.tokens.shape:
-            raise ValueError(f"hidden_states must have packed.tokens' shape {tuple(packed.tokens.shape)}")
-        layout = self._layout(packed, text_lengths)
+        if timestep.shape != (layout.batch_size,):
+            raise ValueError(f"timestep must have shape ({layout.batch_size},), got {tuple(timestep.shape)}")
+        if hidden_states.shape != (layout.total_tokens, self.config.in_channels):
+            raise ValueError(
+                f"hidden_states must be ({layout.total_tokens}, {self.config.in_channels}) as the layout "
+                f"describes, got {tuple(hidden_states.shape)}"
+            )
+        derived = self._derived(layout, text_lengths)
 
-        img = self.img_in(tokens)
+        img = self.img_in(hidden_states)
         txt = self.txt_in(self.txt_norm(encoder_hidden_states))
         timestep = timestep.to(img.dtype)
         txt_temb = self.time_text_embed(timestep, img.dtype)
@@ -354,23 +367,23 @@ class UniRefTransformer2DModel(ModelMixin, ConfigMixin):
         backend = self.config.attention_backend
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                img, txt = self._gradient_checkpointing_func(block, img, txt, img_temb, txt_temb, layout, backend)
+                img, txt = self._gradient_checkpointing_func(block, img, txt, img_temb, txt_temb, derived, backend)
             else:
-                img, txt = block(img, txt, img_temb, txt_temb, layout, backend)
+                img, txt = block(img, txt, img_temb, txt_temb, derived, backend)
 
-        target, _ = split_joint(img, layout.cu_target, layout.cu_refs, layout.target_total)
-        return self.proj_out(self.norm_out(target, txt_temb, layout.out_segment))
+        target, _ = split_joint(img, derived.cu_target, derived.cu_refs, derived.target_total)
+        return self.proj_out(self.norm_out(target, txt_temb, derived.out_segment))
 
-    def _layout(self, packed: PackedLatents, text_lengths: list[int]) -> "_Layout":
-        """The batch's layout (segments, offsets, RoPE tables), reused while the same `PackedLatents` comes
-        back with the same prompts -- every step of a sampling loop -- instead of rebuilt per forward."""
-        cached = getattr(self, "_layout_cache", None)
-        if cached is not None and cached[0]() is packed and cached[1] == text_lengths:
+    def _derived(self, layout: SequenceLayout, text_lengths: list[int]) -> "_Derived":
+        """What the blocks derive from ``layout``, reused while the same layout comes back with the same
+        prompts -- every step of a sampling loop -- instead of rebuilt per forward."""
+        cached = getattr(self, "_derived_cache", None)
+        if cached is not None and cached[0]() is layout and cached[1] == text_lengths:
             return cached[2]
-        layout = _Layout(packed, text_lengths, self.config.zero_cond_t, self.rope, self.config.rope_scheme)
+        derived = _Derived(layout, text_lengths, self.config.zero_cond_t, self.rope, self.config.rope_scheme)
         # A weak reference: the cache must not keep a finished batch's tensors alive.
-        self._layout_cache = (weakref.ref(packed), list(text_lengths), layout)
-        return layout
+        self._derived_cache = (weakref.ref(layout), list(text_lengths), derived)
+        return derived
 
     @classmethod
     def from_qwenimage(cls, model_or_path, **overrides) -> "UniRefTransformer2DModel":

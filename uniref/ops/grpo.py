@@ -1,6 +1,6 @@
 """Registration of the MSGRPO ops declared in csrc/ops.cpp: device kernels, fake kernels, autograd.
 
-* CPU: the fp32 torch references of `uniref.ops.grpo_reference` (which also serve tests and benchmarks).
+* CPU: the fp32 torch references of `uniref.testing.grpo` (which also serve tests and benchmarks).
 * CUDA: the Triton kernels of `uniref.kernels.grpo`, imported on first use so that a CPU-only install
   needs no triton. float64 inputs take the reference on every device (the kernels accumulate in fp32).
 * Autograd: `flow_grpo_loss` differentiates in `mean` only, through `flow_grpo_loss_backward` and the
@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from uniref.ops import grpo_reference as ref
+from uniref.testing import grpo as ref
 
 _ops = torch.ops.uniref
 

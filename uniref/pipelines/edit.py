@@ -5,7 +5,7 @@ sizes. The references of a sample share one pixel budget (SELF, `uniref.plan_ref
 sample gets its own output size and its own flow-matching schedule, and all samples -- conditional and
 unconditional branches of classifier-free guidance included -- run packed in ONE transformer forward per
 step, without padding. Reference tokens are computed once; each step only the noisy target tokens change
-and the image stream is rebuilt with `uniref.concat_joint`.
+(`uniref.sampling`: the batch, the schedule and the loop shared with MSGRPO).
 """
 
 from __future__ import annotations
@@ -28,24 +28,22 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from uniref.models.transformer import UniRefTransformer2DModel
+from uniref.packing import BUDGET_MODES, BudgetMode, pack_latents, plan_reference_sizes, unpack_latents
 from uniref.pipelines.text_encoders import PromptEncoder, QwenVLPromptEncoder
-from uniref.self import PackedLatents, concat_joint, pack_latents, plan_reference_sizes, split_joint, unpack_latents
+from uniref.sampling import SamplingBatch, denoise, make_schedule
 
 __all__ = [
     "DEFAULT_MODEL_DIR",
     "DefaultModelUnavailableError",
-    "JointBatch",
     "PipelineLoadError",
     "UniRefEditPipeline",
     "UniRefEditPipelineOutput",
-    "guided_velocity",
 ]
 
 # Where the embedded default model (a pipeline folder with model_index.json) is shipped.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default_model"
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-BUDGET_MODES = ("global", "per_image")
 
 
 class DefaultModelUnavailableError(FileNotFoundError):
@@ -98,69 +96,6 @@ class UniRefEditPipelineOutput(BaseOutput):
     """
 
     images: list
-
-
-def calculate_shift(
-    image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-    max_shift: float = 1.15,
-) -> float:
-    """Qwen-Image's dynamic shift ``mu``: linear in the target's token count.
-
-    The same function as diffusers' Qwen-Image pipelines; theirs lives in modules that import transformers,
-    which the default (non-Qwen) path of this pipeline does not need.
-    """
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    b = base_shift - m * base_seq_len
-    return image_seq_len * m + b
-
-
-def guided_velocity(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    """Classifier-free guidance as Qwen-Image-Edit-Plus: the combination rescaled, per token, to the
-    conditional prediction's norm."""
-    comb = uncond + scale * (cond - uncond)
-    return comb * (cond.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
-
-
-@dataclass
-class JointBatch:
-    """The packed model batch of a sampling loop, built once: every sample's [target ; references],
-    repeated ``copies`` times (2 with guidance: conditional rows, then unconditional).
-
-    Attributes:
-        targets: the target-only layout (sample i's rows: ``targets.target_slices()[i]``).
-        layout: the model's layout; only its target tokens change from step to step.
-        cu_target, cu_refs, ref_tokens: the split of ``layout.tokens`` into targets and references.
-    """
-
-    targets: PackedLatents
-    layout: PackedLatents
-    cu_target: Tensor
-    cu_refs: Tensor
-    ref_tokens: Tensor
-    copies: int
-
-    @classmethod
-    def build(cls, noise: Sequence[Tensor], ref_latents: Sequence[Sequence[Tensor]], copies: int, patch_size: int):
-        targets = pack_latents([[x] for x in noise], patch_size=patch_size)
-        layout = pack_latents([[x, *refs] for x, refs in zip(noise, ref_latents)] * copies, patch_size=patch_size)
-        counts = [layout.image_tokens(i) for i in range(layout.batch_size)]
-        device = layout.tokens.device
-        cu_tgt = torch.tensor([0, *np.cumsum([c[0] for c in counts])], dtype=torch.int32, device=device)
-        cu_ref = torch.tensor([0, *np.cumsum([sum(c[1:]) for c in counts])], dtype=torch.int32, device=device)
-        _, ref_tokens = split_joint(layout.tokens, cu_tgt, cu_ref, copies * targets.tokens.shape[0])
-        return cls(targets, layout, cu_tgt, cu_ref, ref_tokens, copies)
-
-    def hidden_states(self, state: Tensor) -> Tensor:
-        """The model's image stream with ``state`` ``(T_target, F)`` as every copy's target tokens."""
-        return concat_joint(state.repeat(self.copies, 1), self.cu_target, self.ref_tokens, self.cu_refs)[0]
-
-    def velocity(self, model_fn, state: Tensor, t: Tensor, guidance_scale: float = 1.0) -> Tensor:
-        """One guided prediction: ``model_fn(layout, t_rows, hidden_states)`` -> per-row target velocity."""
-        pred = model_fn(self.layout, t.repeat(self.copies), self.hidden_states(state))
-        if self.copies == 2:
-            cond, uncond = pred.chunk(2)
-            pred = guided_velocity(cond, uncond, guidance_scale)
-        return pred
 
 
 def _is_image(x) -> bool:
@@ -412,6 +347,20 @@ class UniRefEditPipeline(DiffusionPipeline):
         """
         return self.encode_images([image], size)[0]
 
+    def encode_sized(self, images: Sequence[PIL.Image.Image | Tensor], sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+        """Normalized latents ``(C, h, w)`` of ``images[i]`` resized to ``sizes[i]``, in order, with one VAE call
+        per distinct size (and image type): how references and training targets are encoded."""
+        if len(images) != len(sizes):
+            raise ValueError(f"{len(images)} images for {len(sizes)} sizes")
+        groups: dict[tuple, list[int]] = {}
+        for i, (img, size) in enumerate(zip(images, sizes)):
+            groups.setdefault((tuple(size), isinstance(img, Tensor)), []).append(i)
+        out: list = [None] * len(images)
+        for (size, _), idx in groups.items():
+            for i, z in zip(idx, self.encode_images([images[i] for i in idx], size).unbind(0)):
+                out[i] = z
+        return out
+
     def encode_images(self, images: Sequence[PIL.Image.Image | Tensor], size: tuple[int, int]) -> Tensor:
         """`encode_image` for several images resized to the same ``size``, in one VAE call: ``(N, C, h, w)``."""
         x = self.image_processor.preprocess(list(images), size[0], size[1]).to(self.vae.device, self.vae.dtype)
@@ -451,33 +400,6 @@ class UniRefEditPipeline(DiffusionPipeline):
             g = generator[i] if isinstance(generator, list) else generator
             noise.append(randn_tensor((1, self.latent_channels, h, w), generator=g, device=device, dtype=dtype)[0])
         return noise
-
-    def make_schedulers(self, target_tokens: Sequence[int], num_inference_steps: int, device) -> list:
-        """One scheduler per sample, with Qwen-Image's sigmas and that sample's dynamic shift ``mu``."""
-        cfg = self.scheduler.config
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        schedulers = []
-        for n in target_tokens:
-            mu = calculate_shift(
-                n,
-                cfg.get("base_image_seq_len", 256),
-                cfg.get("max_image_seq_len", 4096),
-                cfg.get("base_shift", 0.5),
-                cfg.get("max_shift", 1.15),
-            )
-            scheduler = self.scheduler.__class__.from_config(cfg)
-            with np.errstate(divide="ignore", invalid="ignore"):  # a degenerate schedule is reported below
-                scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-            if not torch.isfinite(scheduler.sigmas).all():
-                # e.g. shift_terminal (Qwen-Image: 0.02) stretches the schedule by its last step: one step
-                # alone leaves nothing to stretch and diffusers returns NaN sigmas
-                raise ValueError(
-                    f"num_inference_steps={num_inference_steps} gives no valid schedule for this scheduler "
-                    f"(shift_terminal={cfg.get('shift_terminal')}); use more steps"
-                )
-            scheduler.set_begin_index(0)
-            schedulers.append(scheduler)
-        return schedulers
 
     # ----------------------------------------------------------------------------------------
     # The call
@@ -519,7 +441,7 @@ class UniRefEditPipeline(DiffusionPipeline):
         num_inference_steps: int = 50,
         generator: torch.Generator | list[torch.Generator] | None = None,
         pixel_budget: int | None = None,
-        budget_mode: str = "global",
+        budget_mode: BudgetMode = "global",
         height: int | None = None,
         width: int | None = None,
         output_type: str = "pil",
@@ -569,39 +491,31 @@ class UniRefEditPipeline(DiffusionPipeline):
         embeds, text_lengths = self.encode_prompt(prompts + negatives if do_cfg else prompts,
                                                   pil_refs * 2 if do_cfg else pil_refs, device, dtype)
 
-        # 2. References -> latents, once
-        ref_latents = [
-            [self.encode_image(img, size).to(device, dtype) for img, size in zip(refs, plan[1])]
-            for refs, plan in zip(samples, plans)
-        ]
+        # 2. References -> latents, once (images planned to the same size share a VAE call)
+        flat = self.encode_sized([img for refs in samples for img in refs], [hw for _, plan in plans for hw in plan])
+        ref_latents, k = [], 0
+        for refs in samples:
+            ref_latents.append([z.to(device, dtype) for z in flat[k : k + len(refs)]])
+            k += len(refs)
 
-        # 3. Noise, layouts, schedules. `state` holds every sample's target tokens (T_tgt, C p p); the model
-        #    batch repeats the samples for the unconditional branch.
-        noise = self.prepare_latents([(h // f, w // f) for (h, w), _ in plans], generator, device, dtype)
-        batch = JointBatch.build(noise, ref_latents, 2 if do_cfg else 1, p)
-        targets = batch.targets
-        state = targets.tokens
-        rows = targets.target_slices()
-        schedulers = self.make_schedulers([s.stop - s.start for s in rows], num_inference_steps, device)
-        num_train = self.scheduler.config.num_train_timesteps
+        # 3. Noise, the packed batch, per-sample schedules. The state holds every sample's target tokens
+        #    (T_tgt, C p p); the model batch repeats the samples for the unconditional branch.
+        latent_sizes = [(h // f, w // f) for (h, w), _ in plans]
+        noise = self.prepare_latents(latent_sizes, generator, device, dtype)
+        batch = SamplingBatch.build(latent_sizes, ref_latents, 2 if do_cfg else 1, p, self.latent_channels, device, dtype)
+        state = pack_latents([[x] for x in noise], patch_size=p).tokens
+        schedule = make_schedule(self.scheduler, batch.targets.target_lengths, num_inference_steps, device)
 
-        def model_fn(layout, t, hidden):
-            return self.transformer(layout, embeds, text_lengths, t, hidden_states=hidden)
+        def model_fn(hidden, t, layout):
+            return self.transformer(hidden, embeds, t, layout, text_lengths)
 
         # 4. Denoise: one packed forward per step for all samples and both guidance branches
         with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for k in range(num_inference_steps):
-                t = torch.stack([s.timesteps[k] for s in schedulers])
-                # t / 1000 in float32, then cast: in bfloat16, t itself (~1000) would round to a multiple of 4
-                pred = batch.velocity(model_fn, state, (t / num_train).to(dtype), true_cfg_scale)
-                state = torch.cat([
-                    s.step(pred[r], t[i], state[r], return_dict=False)[0]
-                    for i, (s, r) in enumerate(zip(schedulers, rows))
-                ])
-                progress_bar.update()
+            state = denoise(model_fn, batch, schedule, state, true_cfg_scale,
+                            callback=lambda k, x: progress_bar.update(), dtype=dtype)
 
         # 5. Latents -> images, one sample at a time (sizes differ)
-        latents = [sample[0] for sample in unpack_latents(state, targets)]
+        latents = [sample[0] for sample in unpack_latents(state, batch.targets)]
         if output_type == "latent":
             out = latents
         else:
@@ -670,3 +584,17 @@ class UniRefEditPipeline(DiffusionPipeline):
             text_encoder=QwenVLPromptEncoder.from_pipeline(pipe),
             target_pixels=target_pixels,
         )
+
+
+def __getattr__(name):
+    # Deprecated homes, kept for one release: these live in uniref.sampling now.
+    import warnings
+
+    from uniref import sampling
+
+    moved = {"JointBatch": "SamplingBatch", "calculate_shift": "calculate_shift", "guided_velocity": "guided_velocity"}
+    if name in moved:
+        warnings.warn(f"uniref.pipelines.edit.{name} is deprecated; use uniref.sampling.{moved[name]}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(sampling, moved[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -73,7 +73,7 @@ class LoraConfig:
 class ModelConfig:
     """Where the pipeline comes from (exactly one of ``preset``, ``pretrained``, ``qwen_image_edit``).
 
-    ``preset``: a random-weight geometry of `uniref.testing.CONFIGS` (tiny, small, mid) seeded by ``seed``;
+    ``preset``: a random-weight geometry of `uniref.presets.CONFIGS` (tiny, small, mid) seeded by ``seed``;
     ``pretrained``: a local `UniRefEditPipeline.save_pretrained` folder, or ``default`` for the shipped model;
     ``qwen_image_edit``: a local diffusers ``QwenImageEditPlusPipeline`` folder (real-scale runs).
     ``overrides``: transformer config keys replacing the preset's (e.g. ``num_layers``).
@@ -350,7 +350,7 @@ def _build(cls, values: dict, where: str, errors: list[str]):
 def _check(cfg: TrainConfig, errors: list[str]) -> None:
     """The semantic rules: ranges, choices and combinations."""
     from uniref.synthetic import EDIT_KINDS
-    from uniref.testing import CONFIGS
+    from uniref.presets import CONFIGS
 
     def need(ok: bool, msg: str) -> None:
         if not ok:

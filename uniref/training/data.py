@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from uniref.self import plan_reference_sizes
+from uniref.packing import plan_reference_sizes
 from uniref.synthetic import EDIT_KINDS, SyntheticEditDataset
 
 __all__ = ["MicroBatch", "TrainItem", "encode_micro_batch", "make_dataset", "plan_micro_batches", "sample_tokens"]
@@ -101,20 +101,16 @@ def encode_micro_batch(pipe, batch: MicroBatch) -> tuple[list[Tensor], list[list
     Images of the same planned size are encoded together. Returns ``(targets, references)``: one
     ``(C, h, w)`` per sample, and per sample one per reference.
     """
-    jobs: dict[tuple[int, int], list[tuple[int, int, Tensor]]] = {}
-    for i, it in enumerate(batch.items):
-        jobs.setdefault(tuple(it.target.shape[1:]), []).append((i, -1, it.target))
-        for k, (ref, size) in enumerate(zip(it.references, it.planned)):
-            jobs.setdefault(tuple(size), []).append((i, k, ref))
-    targets: list = [None] * len(batch.items)
-    refs: list[list] = [[None] * len(it.references) for it in batch.items]
-    for size, group in jobs.items():
-        # through PIL, as the pipeline receives images: training and inference resize the same way
-        pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for _, _, img in group]
-        latents = pipe.encode_images(pil, size).unbind(0)
-        for (i, k, _), z in zip(group, latents):
-            if k < 0:
-                targets[i] = z
-            else:
-                refs[i][k] = z
+    # through PIL, as the pipeline receives images: training and inference resize the same way
+    pil = lambda img: Image.fromarray(img.permute(1, 2, 0).numpy())  # noqa: E731
+    images, sizes = [], []
+    for it in batch.items:
+        images += [pil(it.target), *(pil(r) for r in it.references)]
+        sizes += [tuple(it.target.shape[1:]), *it.planned]
+    latents = pipe.encode_sized(images, sizes)
+    targets, refs, k = [], [], 0
+    for it in batch.items:
+        targets.append(latents[k])
+        refs.append(latents[k + 1 : k + 1 + len(it.references)])
+        k += 1 + len(it.references)
     return targets, refs

@@ -3,14 +3,47 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from uniref.self import PackedLatents
+from uniref.packing import SequenceLayout, cu_seqlens_from_lengths
 
-__all__ = ["EditModel", "adapters_disabled", "build_pipeline", "merged_pipeline"]
+__all__ = ["EditModel", "PromptBatch", "adapters_disabled", "build_pipeline", "merged_pipeline"]
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """The prompts of a packed batch, encoded once (`EditModel.encode`) and reused by every forward on it:
+    every denoising step of a rollout and every trained timestep of its update.
+
+    Attributes:
+        texts: one prompt per sample (with guidance: the conditional prompts, then the negative ones).
+        images: per sample, its reference PIL images (only vision-language encoders look at them).
+        embeds: ``(T_txt, D)`` the packed embeddings, computed without gradients; ``None``: not encoded yet
+            (the forward encodes).
+        lengths: tokens per sample (host ints), summing to ``T_txt``.
+    """
+
+    texts: list[str]
+    images: list[list]
+    embeds: Tensor | None = None
+    lengths: list[int] | None = None
+
+    def select(self, rows: list[int]) -> "PromptBatch":
+        """The prompts of samples ``rows`` alone, in that order (their embeddings sliced, not re-encoded)."""
+        embeds = None
+        if self.embeds is not None:
+            cu = cu_seqlens_from_lengths(self.lengths).tolist()
+            embeds = torch.cat([self.embeds[cu[r] : cu[r + 1]] for r in rows])
+        return PromptBatch([self.texts[r] for r in rows], [self.images[r] for r in rows], embeds,
+                           None if self.lengths is None else [self.lengths[r] for r in rows])
+
+    def without_embeds(self) -> "PromptBatch":
+        return dataclasses.replace(self, embeds=None, lengths=None)
 
 
 def build_pipeline(model_cfg, seed: int):
@@ -18,7 +51,7 @@ def build_pipeline(model_cfg, seed: int):
     from uniref.pipelines.edit import UniRefEditPipeline
 
     if model_cfg.preset is not None:
-        from uniref.testing import CONFIGS, random_edit_pipeline
+        from uniref.presets import CONFIGS, random_edit_pipeline
 
         if model_cfg.overrides:
             base = CONFIGS[model_cfg.preset]
@@ -90,20 +123,31 @@ class EditModel(nn.Module):
         text_encoder.train(train_text_encoder)
 
     def encode_prompts(self, prompts: list[str], images) -> tuple[Tensor, list[int]]:
+        """Packed prompt embeddings ``(T_txt, D)`` and lengths; with gradients only when the text encoder trains."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_text_encoder):
             embeds, lengths = self.text_encoder.encode_prompts(list(prompts), images)
         return embeds, [int(n) for n in lengths]
 
-    def forward(self, packed: PackedLatents, prompts: list[str], timestep: Tensor, hidden_states: Tensor,
-                images=None) -> Tensor:
-        """Velocity ``(T_target, C p p)`` of the targets of ``packed`` (noisy tokens in ``hidden_states``).
+    @torch.no_grad()
+    def encode(self, texts: list[str], images=None) -> PromptBatch:
+        """Encodes a batch's prompts once, without gradients (``images``: per sample, its reference PIL images)."""
+        images = [list(x) for x in images] if images is not None else [[] for _ in texts]
+        embeds, lengths = self.encode_prompts(texts, images)
+        return PromptBatch(list(texts), images, embeds, lengths)
 
-        ``prompts``: one per sample; ``images``: per sample its reference PIL images (only VL encoders look).
+    def forward(self, hidden_states: Tensor, timestep: Tensor, layout: SequenceLayout, prompts: PromptBatch) -> Tensor:
+        """Velocity ``(T_target, C p p)`` of the targets of the packed batch ``hidden_states`` (laid out by
+        ``layout``) at per-sample time ``timestep`` ``(B,)``.
+
+        The prompts' stored embeddings are used as they are, except when the text encoder trains and
+        gradients are on (then it encodes again, so its gradients flow) or when there are none yet.
         """
-        embeds, lengths = self.encode_prompts(prompts, images or [[] for _ in prompts])
+        if prompts.embeds is None or (self.train_text_encoder and torch.is_grad_enabled()):
+            embeds, lengths = self.encode_prompts(prompts.texts, prompts.images)
+        else:
+            embeds, lengths = prompts.embeds, prompts.lengths
         dtype = next(self.transformer.parameters()).dtype
-        return self.transformer(packed, embeds.to(dtype), lengths, timestep.to(dtype),
-                                hidden_states=hidden_states.to(dtype))
+        return self.transformer(hidden_states.to(dtype), embeds.to(dtype), timestep.to(dtype), layout, lengths)
 
 
 def _tuner_layers(module: nn.Module):

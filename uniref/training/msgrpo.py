@@ -2,8 +2,9 @@
 
 One RL step:
   1. rollouts: ``prompts_per_step`` tasks x ``group_size`` samples (a group shares prompt and references),
-     split across ranks; each rank samples its share as ONE packed batch with SDE steps inside the
-     window (`uniref.sde_step_with_logprob`, storing latents and log-probs) and ODE steps outside;
+     split across ranks; each rank samples its share as ONE packed batch through `uniref.sampling.denoise`,
+     with SDE steps inside the window (`uniref.sde_step_with_logprob`, storing latents and log-probs) and
+     Euler (ODE) steps outside; the prompts are encoded once per rollout and reused by every step;
   2. rewards from a multi-source reward ``(N, S)``; advantages with `uniref.group_advantages` over the
      whole global batch (groups may span ranks);
   3. for each trained (window) timestep: recompute the step mean under the current policy (with grad),
@@ -21,11 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from uniref.grpo import flow_grpo_loss, group_advantages, sde_step_with_logprob
-from uniref.pipelines.edit import JointBatch
-from uniref.self import unpack_latents
+from uniref.grpo import flow_grpo_loss, group_advantages
+from uniref.packing import pack_latents, unpack_latents
+from uniref.sampling import SamplingBatch, Schedule, denoise, euler_step, make_schedule, sde_step_with_logprob
 from uniref.synthetic import EDIT_KINDS, Task, sample_task
 from uniref.training.collective import all_finite, global_mean
+from uniref.training.modules import PromptBatch
 from uniref.training.seeding import generator_for, seed_for
 
 __all__ = ["Rollout", "RewardFn", "load_reward", "phase_at", "rollout", "rollout_tasks", "train_on_rollout", "window"]
@@ -104,10 +106,10 @@ class Rollout:
 
     tasks: list[Task]
     group_ids: Tensor  # (N,) global task index
-    prompts: list[str]
-    batch: JointBatch
-    sigmas: Tensor  # (N, num_steps + 1)
-    states: list[Tensor]  # num_steps + 1 packed target states (T_target, F)
+    prompts: PromptBatch  # encoded once: N conditional prompts, then N negative ones with guidance
+    batch: SamplingBatch
+    schedule: Schedule  # per-sample sigmas (N, num_steps + 1) and model times (N, num_steps)
+    states: list[Tensor]  # num_steps + 1 packed float32 target states (T_target, F)
     log_probs: dict[int, Tensor]  # trained step -> (N,)
     images: Tensor  # (N, 3, H, W) in [0, 1]
     ref_latents: list[list[Tensor]]  # per sample, its references' latents
@@ -119,13 +121,14 @@ class Rollout:
         n = len(self.tasks)
         pick = lambda x: _per_sample(x, n)[rows].reshape(-1, x.shape[-1])  # noqa: E731
         targets = self.batch.targets
-        (h, w), like = targets.image_sizes[0][0], self.ref_latents[0][0]
-        template = [like.new_zeros(targets.channels, h, w) for _ in rows]  # shapes only: states carry the values
-        batch = JointBatch.build(template, [self.ref_latents[r] for r in rows], self.batch.copies, targets.patch_size)
+        batch = SamplingBatch.build([targets.image_sizes[r][0] for r in rows], [self.ref_latents[r] for r in rows],
+                                    self.batch.copies, targets.patch_size, targets.channels,
+                                    self.batch.reference_tokens.device, self.batch.reference_tokens.dtype)
+        prompt_rows = rows + [n + r for r in rows] if self.batch.copies == 2 else rows
         return Rollout(
-            [self.tasks[r] for r in rows], self.group_ids[rows], [self.prompts[r] for r in rows], batch,
-            self.sigmas[rows], [pick(x) for x in self.states], {k: v[rows] for k, v in self.log_probs.items()},
-            self.images[rows], [self.ref_latents[r] for r in rows],
+            [self.tasks[r] for r in rows], self.group_ids[rows], self.prompts.select(prompt_rows), batch,
+            Schedule(self.schedule.sigmas[rows], self.schedule.timesteps[rows]), [pick(x) for x in self.states],
+            {k: v[rows] for k, v in self.log_probs.items()}, self.images[rows], [self.ref_latents[r] for r in rows],
             None if self.rewards is None else self.rewards[rows],
             None if self.advantages is None else self.advantages[rows],
         )
@@ -139,12 +142,9 @@ def _param_dtype(engine) -> torch.dtype:
     return next(engine.module.parameters()).dtype
 
 
-def _model_fn(engine, prompts: list[str], negatives: list[str], images):
-    all_prompts = prompts + negatives if negatives else prompts
-    all_images = images + images if negatives else images
-
-    def fn(layout, t, hidden):
-        return engine(layout, all_prompts, t, hidden, all_images)
+def _model_fn(model, prompts: PromptBatch):
+    def fn(hidden, t, layout):
+        return model(hidden, t, layout, prompts)
 
     return fn
 
@@ -167,7 +167,7 @@ def rollout(engine, pipe, tasks: list[Task], msgrpo_cfg, seed: int, step: int, r
         if ti not in encoded:
             t = tasks[ti]
             sizes = pipe.plan_sizes([t.images], msgrpo_cfg.pixel_budget, msgrpo_cfg.budget_mode, None, None)[0][1]
-            encoded[ti] = [pipe.encode_image(img, s).to(device, dtype) for img, s in zip(t.images, sizes)]
+            encoded[ti] = [z.to(device, dtype) for z in pipe.encode_sized(list(t.images), sizes)]
     size = {t.spec.size for t in local_tasks}
     if len(size) != 1:
         raise ValueError(f"MSGRPO needs one target size per rollout batch, got {sorted(size)}")
@@ -176,37 +176,36 @@ def rollout(engine, pipe, tasks: list[Task], msgrpo_cfg, seed: int, step: int, r
     gens = [generator_for(seed, "rollout", step, r) for r in rows]
     noise = [torch.randn((c, side // f, side // f), generator=gen).to(device, dtype) for gen in gens]
     guided = msgrpo_cfg.cfg_scale > 1
-    batch = JointBatch.build(noise, [encoded[r // g_size] for r in rows], 2 if guided else 1, p)
-    prompts = [t.prompt for t in local_tasks]
+    ref_latents = [encoded[r // g_size] for r in rows]
+    batch = SamplingBatch.build([(side // f, side // f)] * n, ref_latents, 2 if guided else 1, p, c, device, dtype)
+    texts = [t.prompt for t in local_tasks]
     images = [list(t.images) for t in local_tasks]
-    model_fn = _model_fn(engine, prompts, [""] * n if guided else [], images)
+    prompts = engine.module.encode(texts + [""] * n if guided else texts, images * 2 if guided else images)
 
-    per_sample_tokens = batch.targets.tokens.shape[0] // n
-    schedulers = pipe.make_schedulers([per_sample_tokens] * n, msgrpo_cfg.num_steps, device)
-    sigmas = torch.stack([s.sigmas.float() for s in schedulers]).to(device)  # (N, steps + 1)
+    schedule = make_schedule(pipe.scheduler, batch.targets.target_lengths, msgrpo_cfg.num_steps, device)
     trained = window(msgrpo_cfg)
-    state = batch.targets.tokens
-    states, log_probs = [state], {}
-    for k in range(msgrpo_cfg.num_steps):
-        s, s_next = sigmas[:, k], sigmas[:, k + 1]
-        v = batch.velocity(model_fn, state, s.to(dtype), msgrpo_cfg.cfg_scale)
-        x = _per_sample(state, n)
-        if k in trained:
-            z = torch.stack([torch.randn(x.shape[1:], generator=gen) for gen in gens]).to(device)
-            x_next, _, log_prob, _ = sde_step_with_logprob(
-                x, _per_sample(v, n), s, s_next, msgrpo_cfg.noise_level, msgrpo_cfg.kind, noise=z
-            )
-            log_probs[k] = log_prob
-        else:  # deterministic Euler (ODE) step
-            x_next = x.float() + (s_next - s).view(-1, 1, 1) * _per_sample(v, n).float()
-        state = x_next.reshape(state.shape)
-        states.append(state)
+    log_probs: dict[int, Tensor] = {}
+
+    def step_fn(k, state, v, schedule, targets):
+        if k not in trained:
+            return euler_step(k, state, v, schedule, targets)
+        z = torch.stack([torch.randn(state.shape[0] // n, state.shape[1], generator=gen) for gen in gens]).to(device)
+        x_next, _, log_prob, _ = sde_step_with_logprob(
+            _per_sample(state, n), _per_sample(v, n), schedule.sigmas[:, k], schedule.sigmas[:, k + 1],
+            msgrpo_cfg.noise_level, msgrpo_cfg.kind, noise=z,
+        )
+        log_probs[k] = log_prob
+        return x_next.reshape(state.shape).float()
+
+    state = pack_latents([[x] for x in noise], patch_size=p).tokens.float()
+    states = [state]
+    state = denoise(_model_fn(engine, prompts), batch, schedule, state, msgrpo_cfg.cfg_scale, step_fn,
+                    callback=lambda k, x: states.append(x), dtype=dtype)
 
     latents = torch.stack([sample[0] for sample in unpack_latents(state.to(dtype), batch.targets)])
     images_out = ((pipe.decode_latents(latents).float() + 1) / 2).clamp(0, 1)
     group_ids = torch.tensor([step * len(tasks) + r // g_size for r in rows], device=device)
-    ref_latents = [encoded[r // g_size] for r in rows]
-    return Rollout(local_tasks, group_ids, prompts, batch, sigmas, states, log_probs, images_out, ref_latents)
+    return Rollout(local_tasks, group_ids, prompts, batch, schedule, states, log_probs, images_out, ref_latents)
 
 
 def score_rollout(ro: Rollout, reward: RewardFn, msgrpo_cfg) -> dict:
@@ -259,17 +258,14 @@ def train_on_rollout(engine, ro: Rollout, msgrpo_cfg, ref_model=None, adapters_o
 def _update(engine, ro: Rollout, msgrpo_cfg, ref_model, adapters_off) -> dict:
     """One optimizer step on the rollouts ``ro``; returns this rank's loss statistics."""
     n = len(ro.tasks)
-    guided = msgrpo_cfg.cfg_scale > 1
-    negatives = [""] * n if guided else []
-    images = [list(t.images) for t in ro.tasks]
-    model_fn = _model_fn(engine, ro.prompts, negatives, images)
+    model_fn = _model_fn(engine, ro.prompts)
     dtype = _param_dtype(engine)
     adv = ro.advantages.to(ro.states[0].device)
     stats = {"loss": [], "clip_fraction": [], "kl": [], "ratio": []}
     for k in sorted(ro.log_probs):
-        s, s_next = ro.sigmas[:, k], ro.sigmas[:, k + 1]
+        s, s_next, t = ro.schedule.sigmas[:, k], ro.schedule.sigmas[:, k + 1], ro.schedule.timesteps[:, k].to(dtype)
         state, x_next = ro.states[k], _per_sample(ro.states[k + 1], n)
-        v = ro.batch.velocity(model_fn, state.to(dtype), s.to(dtype), msgrpo_cfg.cfg_scale)
+        v = ro.batch.velocity(model_fn, state, t, msgrpo_cfg.cfg_scale)
         _, mean, _, step_std = sde_step_with_logprob(
             _per_sample(state, n), _per_sample(v, n), s, s_next, msgrpo_cfg.noise_level, msgrpo_cfg.kind,
             prev_sample=x_next,
@@ -279,10 +275,11 @@ def _update(engine, ro: Rollout, msgrpo_cfg, ref_model, adapters_off) -> dict:
             with torch.no_grad():
                 if adapters_off is not None:
                     with adapters_off():
-                        v_ref = ro.batch.velocity(model_fn, state.to(dtype), s.to(dtype), msgrpo_cfg.cfg_scale)
+                        v_ref = ro.batch.velocity(model_fn, state, t, msgrpo_cfg.cfg_scale)
                 else:
-                    ref_fn = _model_fn(ref_model, ro.prompts, negatives, images)
-                    v_ref = ro.batch.velocity(ref_fn, state.to(dtype), s.to(dtype), msgrpo_cfg.cfg_scale)
+                    # a reference policy with its own text encoder encodes the prompts itself
+                    prompts = ro.prompts.without_embeds() if ref_model.train_text_encoder else ro.prompts
+                    v_ref = ro.batch.velocity(_model_fn(ref_model, prompts), state, t, msgrpo_cfg.cfg_scale)
                 _, mean_ref, _, _ = sde_step_with_logprob(
                     _per_sample(state, n), _per_sample(v_ref, n), s, s_next, msgrpo_cfg.noise_level,
                     msgrpo_cfg.kind, prev_sample=x_next,

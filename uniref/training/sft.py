@@ -16,32 +16,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from uniref.self import pack_latents
+from uniref.packing import pack_latents
+from uniref.sampling import shift_time
 from uniref.training.data import MicroBatch, encode_micro_batch
+from uniref.training.modules import PromptBatch
 from uniref.training.seeding import generator_for
 
-__all__ = ["change_weights", "scheduler_shift", "sft_loss"]
+__all__ = ["change_weights", "sft_loss"]
 
 # A pixel has changed when a channel moves by more than this (of 255): above JPEG and resampling noise.
 _CHANGE_THRESHOLD = 8
-
-
-def scheduler_shift(t: Tensor, target_tokens: list[int], scheduler_config) -> Tensor:
-    """``t`` (N,) in (0, 1) mapped by the scheduler's shift for each sample's target token count."""
-    from uniref.pipelines.edit import calculate_shift
-
-    cfg = scheduler_config
-    if cfg.get("use_dynamic_shifting", False):
-        mu = torch.tensor([
-            calculate_shift(n, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-            for n in target_tokens
-        ], dtype=t.dtype)
-        if cfg.get("time_shift_type", "exponential") == "exponential":
-            return mu.exp() / (mu.exp() + (1 / t - 1))
-        return mu / (mu + (1 / t - 1))
-    s = float(cfg.get("shift", 1.0))
-    return s * t / (1 + (s - 1) * t)
 
 
 def change_weights(target: Tensor, first_reference: Tensor, latent_hw: tuple[int, int], weight: float) -> Tensor:
@@ -70,14 +54,15 @@ def sft_loss(engine, pipe, batch: MicroBatch, sft_cfg, seed: int, step: int) -> 
     u = torch.randn(n, generator=g, dtype=torch.float64) * sft_cfg.logit_std + sft_cfg.logit_mean
     p = pipe.patch_size
     target_tokens = [(z.shape[1] // p) * (z.shape[2] // p) for z in x0]
-    t = scheduler_shift(torch.sigmoid(u), target_tokens, pipe.scheduler.config).clamp(1e-4, 1 - 1e-4)
+    t = shift_time(torch.sigmoid(u), target_tokens, pipe.scheduler.config).clamp(1e-4, 1 - 1e-4)
     drop = torch.rand(n, generator=g) < sft_cfg.text_dropout
     prompts = ["" if d else it.prompt for d, it in zip(drop.tolist(), batch.items)]
 
     noisy = [(1 - ti) * z + ti * e for ti, z, e in zip(t.to(x0[0].dtype), x0, noise)]
-    packed = pack_latents([[xt, *r] for xt, r in zip(noisy, refs)], patch_size=p)
+    tokens, layout = pack_latents([[xt, *r] for xt, r in zip(noisy, refs)], patch_size=p)
     velocity = pack_latents([[e - z] for z, e in zip(x0, noise)], patch_size=p).tokens
-    pred = engine(packed, prompts, t.to(packed.tokens.device, torch.float32), packed.tokens)
+    # encoded inside the forward: one call per micro-batch, with gradients when the text encoder trains
+    pred = engine(tokens, t.to(tokens.device, torch.float32), layout, PromptBatch(prompts, [[] for _ in prompts]))
     err = (pred.float() - velocity.float()) ** 2
     if sft_cfg.change_weight > 0:
         maps = [

@@ -26,15 +26,21 @@ def make_inputs(seed=0, layouts=LAYOUTS, text_lengths=TEXT_LENGTHS):
     return latents, texts, t
 
 
+def _args(latents, texts, text_lengths, t):
+    """``forward``'s arguments for a packed batch of ``latents``."""
+    tokens, layout = uniref.pack_latents(latents)
+    return tokens, torch.cat(texts), t, layout, text_lengths
+
+
 def diffusers_per_sample(ref, latents, texts, t):
     """diffusers' own forward, one sample at a time (batch 1), target rows only."""
     outs = []
     for i, sample in enumerate(latents):
-        packed = uniref.pack_latents([sample])
+        tokens, layout = uniref.pack_latents([sample])
         shapes = [[(1, x.shape[1] // 2, x.shape[2] // 2) for x in sample]]
-        out = ref(hidden_states=packed.tokens[None], encoder_hidden_states=texts[i][None], timestep=t[i : i + 1],
+        out = ref(hidden_states=tokens[None], encoder_hidden_states=texts[i][None], timestep=t[i : i + 1],
                   img_shapes=shapes, return_dict=False)[0][0]
-        outs.append(out[: packed.image_tokens(0)[0]])
+        outs.append(out[: layout.target_lengths[0]])
     return torch.cat(outs)
 
 
@@ -45,7 +51,8 @@ def test_packed_batch_matches_diffusers_per_sample(zero_cond_t):
     ours = UniRefTransformer2DModel.from_qwenimage(ref, attention_backend="cpu").eval()
     latents, texts, t = make_inputs()
     with torch.no_grad():
-        out = ours(uniref.pack_latents(latents), torch.cat(texts), TEXT_LENGTHS, t)
+        tokens, layout = uniref.pack_latents(latents)
+        out = ours(tokens, torch.cat(texts), t, layout, TEXT_LENGTHS)
         expected = diffusers_per_sample(ref, latents, texts, t)
     assert out.shape == expected.shape == (6 + 8 + 1, 16)  # target tokens only
     assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
@@ -66,7 +73,7 @@ def test_diffusers_batch_is_wrong_for_mixed_sizes():
         shapes = [[(1, x.shape[1] // 2, x.shape[2] // 2) for x in s] for s in latents]
         batched = ref(hidden_states=tokens, encoder_hidden_states=torch.stack(texts), timestep=t, img_shapes=shapes,
                       return_dict=False)[0][:, :8].reshape(16, -1)
-        ours_out = ours(uniref.pack_latents(latents), torch.cat(texts), [6, 6], t)
+        ours_out = ours(*_args(latents, texts, [6, 6], t))
     scale = expected.abs().max()
     assert (batched[:8] - expected[:8]).abs().max() <= 1e-4 * scale  # first sample: right
     assert (batched[8:] - expected[8:]).abs().max() > 1e-3 * scale  # second sample: wrong positions
@@ -93,8 +100,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_gradients_reach_every_parameter():
     model = UniRefTransformer2DModel(**TINY, attention_backend="cpu")
     latents, texts, t = make_inputs()
-    packed = uniref.pack_latents(latents)
-    out = model(packed, torch.cat(texts), TEXT_LENGTHS, t)
+    out = model(*_args(latents, texts, TEXT_LENGTHS, t))
     out.square().mean().backward()
     missing = {n for n, p in model.named_parameters() if p.grad is None}
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -105,8 +111,8 @@ def test_gradients_reach_every_parameter():
 
 
 def test_rope_positions_msrope():
-    packed = uniref.pack_latents([[torch.zeros(1, 4, 6), torch.zeros(1, 2, 2)]])  # grids 2x3 and 1x1
-    img, txt = rope_positions(packed, [2])
+    _, layout = uniref.pack_latents([[torch.zeros(1, 4, 6), torch.zeros(1, 2, 2)]])  # grids 2x3 and 1x1
+    img, txt = rope_positions(layout, [2])
     # target: rows -1..0, cols -2..0 (centred: row - ceil(h/2)); reference: frame 1, (-1, -1)
     assert img[:, 0].tolist() == [0] * 6 + [1]
     assert img[:6, 1].tolist() == [-1, -1, -1, 0, 0, 0]
@@ -119,11 +125,15 @@ def test_rope_positions_msrope():
 def test_bad_inputs():
     model = UniRefTransformer2DModel(**TINY)
     latents, texts, t = make_inputs()
-    packed = uniref.pack_latents(latents)
+    tokens, layout = uniref.pack_latents(latents)
     with pytest.raises(ValueError, match="text_lengths"):
-        model(packed, torch.cat(texts), [5, 9], t)
+        model(tokens, torch.cat(texts), t, layout, [5, 9])
     with pytest.raises(ValueError, match="timestep must have shape"):
-        model(packed, torch.cat(texts), TEXT_LENGTHS, t[:2])
+        model(tokens, torch.cat(texts), t[:2], layout, TEXT_LENGTHS)
+    with pytest.raises(ValueError, match="hidden_states must be"):
+        model(tokens[1:], torch.cat(texts), t, layout, TEXT_LENGTHS)
+    with pytest.raises(ValueError, match="SequenceLayout"):
+        model(tokens, torch.cat(texts), t, "layout", TEXT_LENGTHS)
     with pytest.raises(ValueError, match="axes_dims_rope"):
         UniRefTransformer2DModel(**{**TINY, "axes_dims_rope": (4, 4, 4)})
     with pytest.raises(ValueError, match="rope_scheme"):
@@ -131,16 +141,32 @@ def test_bad_inputs():
 
 
 def test_layout_is_built_once_per_batch():
-    """A sampling loop calls the model with the same packed batch every step: the layout (segments,
-    offsets, RoPE tables) is reused, and the outputs are the same as with a fresh layout."""
+    """A sampling loop calls the model with the same layout every step: what the blocks derive from it
+    (segments, offsets, RoPE tables) is reused, and the outputs are the same as with a fresh layout."""
+    model = UniRefTransformer2DModel(**TINY, attention_backend="cpu").eval()
+    latents, texts, t = make_inputs()
+    tokens, layout = uniref.pack_latents(latents)
+    with torch.no_grad():
+        first = model(tokens, torch.cat(texts), t, layout, TEXT_LENGTHS)
+        derived = model._derived_cache[2]
+        again = model(tokens, torch.cat(texts), t, layout, TEXT_LENGTHS)
+        assert model._derived_cache[2] is derived
+        fresh = model(*_args(latents, texts, TEXT_LENGTHS, t))
+        assert model._derived_cache[2] is not derived
+    assert torch.equal(first, again) and torch.equal(first, fresh)
+
+
+def test_deprecated_packed_signature_still_works():
+    """``forward(packed, encoder_hidden_states, text_lengths, timestep[, hidden_states])`` (positional), the call
+    before the layout had its own object, gives the same output (with a DeprecationWarning) for one release."""
     model = UniRefTransformer2DModel(**TINY, attention_backend="cpu").eval()
     latents, texts, t = make_inputs()
     packed = uniref.pack_latents(latents)
     with torch.no_grad():
-        first = model(packed, torch.cat(texts), TEXT_LENGTHS, t)
-        layout = model._layout_cache[2]
-        again = model(packed, torch.cat(texts), TEXT_LENGTHS, t)
-        assert model._layout_cache[2] is layout
-        fresh = model(uniref.pack_latents(latents), torch.cat(texts), TEXT_LENGTHS, t)
-        assert model._layout_cache[2] is not layout
-    assert torch.equal(first, again) and torch.equal(first, fresh)
+        new = model(packed.tokens, torch.cat(texts), t, packed.layout, TEXT_LENGTHS)
+        with pytest.warns(DeprecationWarning):
+            old = model(packed, torch.cat(texts), TEXT_LENGTHS, t)
+        with pytest.warns(DeprecationWarning):
+            old_hidden = model(packed, torch.cat(texts), TEXT_LENGTHS, t, packed.tokens * 0)
+        with_zeros = model(packed.tokens * 0, torch.cat(texts), t, packed.layout, TEXT_LENGTHS)
+    assert torch.equal(new, old) and torch.equal(old_hidden, with_zeros)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import uniref
 import uniref.synthetic
 from uniref.pipelines import ByteTextEncoder, DefaultModelUnavailableError, UniRefEditPipeline
-from uniref.testing import qwenimage_scheduler, random_edit_pipeline
+from uniref.presets import qwenimage_scheduler, random_edit_pipeline
 
 
 def random_image(rng, h, w):
@@ -43,7 +43,8 @@ class Spy:
 
     def __init__(self, model):
         self.calls = []
-        self.handle = model.register_forward_pre_hook(lambda m, args: self.calls.append((args[0], list(args[2]))))
+        # forward(hidden_states, encoder_hidden_states, timestep, layout, text_lengths)
+        self.handle = model.register_forward_pre_hook(lambda m, args: self.calls.append((args[3], list(args[4]))))
 
     def __enter__(self):
         return self
@@ -68,23 +69,6 @@ def test_packed_batch_equals_one_by_one(pipe, samples):
     assert [b.shape[:2] for b in batch] == [(48, 80), (96, 48), (64, 64), (64, 64)]
 
 
-def test_each_sample_steps_on_its_own_schedule(pipe):
-    """Dynamic shift: mu follows each sample's target token count, as Qwen-Image computes it per call."""
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
-
-    from uniref.pipelines.edit import calculate_shift as ours
-
-    schedulers = pipe.make_schedulers([16, 1024, 8192], 4, "cpu")
-    for n, s in zip([16, 1024, 8192], schedulers):
-        mu = calculate_shift(n, 256, 8192, 0.5, 0.9)
-        assert ours(n, 256, 8192, 0.5, 0.9) == mu
-        alone = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        alone.set_timesteps(sigmas=np.linspace(1, 0.25, 4), mu=mu)
-        assert torch.equal(s.sigmas, alone.sigmas)
-    assert not torch.allclose(schedulers[0].sigmas, schedulers[2].sigmas)
-    assert len(pipe.scheduler.timesteps) == 1000  # the pipeline's own scheduler is never set: it is only cloned
-
-
 def test_one_generator_is_drawn_in_sample_order(pipe, samples):
     images, prompts = samples
     kwargs = dict(num_inference_steps=2, true_cfg_scale=1.0, output_type="latent")
@@ -104,8 +88,8 @@ def test_budget_modes_set_reference_tokens(pipe, mode):
         with Spy(pipe.transformer) as spy:
             pipe(refs[:k], "x", num_inference_steps=2, true_cfg_scale=1.0, pixel_budget=budget, budget_mode=mode,
                  height=32, width=32, output_type="latent")
-        packed = spy.calls[0][0]
-        target, *ref_counts = packed.image_tokens(0)
+        layout = spy.calls[0][0]
+        target, *ref_counts = layout.image_tokens(0)
         assert target == 4  # 32x32 pixels -> 4x4 latent -> 2x2 tokens
         tokens.append(sum(ref_counts))
     if mode == "global":
@@ -122,8 +106,8 @@ def test_guidance_runs_both_branches_in_one_forward(pipe, samples):
                             generator=torch.Generator().manual_seed(0), **kw).images[0]
     with Spy(pipe.transformer) as spy:
         guided = run(true_cfg_scale=4.0, negative_prompt="ugly")
-    packed, text_lengths = spy.calls[0]
-    assert packed.batch_size == 2 and text_lengths == [len(prompts[1].encode()) + 1, len("ugly") + 1]
+    layout, text_lengths = spy.calls[0]
+    assert layout.batch_size == 2 and text_lengths == [len(prompts[1].encode()) + 1, len("ugly") + 1]
     unguided = run(true_cfg_scale=1.0)
     other_negative = run(true_cfg_scale=4.0, negative_prompt="")
     assert not torch.allclose(guided, unguided) and not torch.allclose(guided, other_negative)
@@ -273,120 +257,14 @@ def test_loading_a_damaged_folder_is_a_clear_error(tmp_path, damage, message):
         UniRefEditPipeline.from_pretrained(tmp_path)
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=2, max_size=5), min_size=1,
-                max_size=4))
-def test_rebuilding_the_image_stream_equals_packing_anew(layouts):
-    """What the sampler does every step: keep the reference tokens, swap the targets, `concat_joint`."""
-    g = torch.Generator().manual_seed(0)
-    first = [[torch.randn(3, 2 * h, 2 * w, generator=g) for h, w in s] for s in layouts]
-    new_targets = [torch.randn_like(s[0]) for s in first]
-    layout = uniref.pack_latents(first)
-    targets = uniref.pack_latents([[t] for t in new_targets])
-    counts = [layout.image_tokens(i) for i in range(layout.batch_size)]
-    cu_tgt = torch.tensor(np.cumsum([0] + [c[0] for c in counts]), dtype=torch.int32)
-    cu_ref = torch.tensor(np.cumsum([0] + [sum(c[1:]) for c in counts]), dtype=torch.int32)
-    _, refs = uniref.split_joint(layout.tokens, cu_tgt, cu_ref, targets.tokens.shape[0])
-    rebuilt, cu = uniref.concat_joint(targets.tokens, cu_tgt, refs, cu_ref)
-    expected = uniref.pack_latents([[t, *s[1:]] for t, s in zip(new_targets, first)])
-    assert torch.equal(rebuilt, expected.tokens) and torch.equal(cu, expected.cu_seqlens)
-
-
-# --------------------------------------------------------------------------------------------
-# ByteTextEncoder
-# --------------------------------------------------------------------------------------------
-
-
-def test_byte_text_encoder_packs_without_cross_talk():
-    enc = ByteTextEncoder(embed_dim=24, hidden_dim=32, num_layers=2, num_heads=4, max_length=16).eval()
-    prompts = ["a red car", "", "ünïcødé ✓", "x" * 40]
-    with torch.no_grad():
-        embeds, lengths = enc.encode_prompts(prompts)
-        alone = [enc.encode_prompts([p])[0] for p in prompts]
-    assert lengths == [10, 1, 1 + len("ünïcødé ✓".encode()), 16]  # BOS + bytes, truncated at max_length
-    assert embeds.shape == (sum(lengths), 24)
-    torch.testing.assert_close(embeds, torch.cat(alone), atol=1e-6, rtol=1e-5)
-    ids, _ = enc.tokenize(["ab"])
-    assert ids.tolist() == [ByteTextEncoder.BOS, 97, 98]
-
-
-def test_byte_text_encoder_is_trainable_and_round_trips(tmp_path):
-    enc = ByteTextEncoder(embed_dim=8, hidden_dim=16, num_layers=1, num_heads=2, max_length=32)
-    embeds, _ = enc.encode_prompts(["one", "two words"])
-    embeds.square().mean().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters())
-    enc.save_pretrained(tmp_path)
-    back = ByteTextEncoder.from_pretrained(tmp_path)
-    assert back.config.max_length == 32
-    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), back.state_dict().values()))
-    with pytest.raises(ValueError, match="divisible by num_heads"):
-        ByteTextEncoder(hidden_dim=10, num_heads=4)
-
-
 # --------------------------------------------------------------------------------------------
 # The Qwen-Image-Edit-Plus path, against diffusers' own pipeline
 # --------------------------------------------------------------------------------------------
 
-QWEN_SPECIAL_TOKENS = {
-    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
-    "<|vision_end|>": 151653, "<|vision_pad|>": 151654, "<|image_pad|>": 151655, "<|video_pad|>": 151656,
-}
-
-
-def tiny_qwen_edit_plus():
-    """A real diffusers `QwenImageEditPlusPipeline` of tiny random modules, built offline.
-
-    Qwen2.5-VL's vocabulary cannot be downloaded here, so the tokenizer is byte-level BPE with no merges
-    plus Qwen's special tokens at their real ids. transformers refuses to build a `Qwen2VLProcessor`
-    without torchvision (for its video processor, which image prompts never use), so its class check is
-    bypassed while constructing it.
-    """
-    from diffusers import AutoencoderKLQwenImage, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer,
-                              Qwen2VLImageProcessorPil, Qwen2VLProcessor)
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    vocab.update(QWEN_SPECIAL_TOKENS)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
-    extra = [t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": extra})
-    check = Qwen2VLProcessor.check_argument_for_proper_class
-    Qwen2VLProcessor.check_argument_for_proper_class = lambda self, name, arg: None
-    try:
-        processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer)
-    finally:
-        Qwen2VLProcessor.check_argument_for_proper_class = check
-
-    torch.manual_seed(0)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
-    )
-    vae = AutoencoderKLQwenImage(
-        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
-        latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 2.0, 1.0, 0.5],
-    )
-    text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-                rope_theta=1e6, vocab_size=151657)
-    config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
-        hidden_size=16, vocab_size=151657, vision_start_token_id=151652, vision_end_token_id=151653,
-        vision_token_id=151654, image_token_id=151655,
-    )
-    pipe = QwenImageEditPlusPipeline(
-        scheduler=qwenimage_scheduler(),
-        vae=vae.eval(), text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer=tokenizer,
-        processor=processor, transformer=transformer.eval(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def qwen_pipes():
+    from uniref.testing.qwen import tiny_qwen_edit_plus
+
     pytest.importorskip("transformers")
     qwen = tiny_qwen_edit_plus()
     ours = UniRefEditPipeline.from_qwenimage_edit(qwen, target_pixels=64 * 64, attention_backend="auto")
@@ -418,18 +296,6 @@ def test_from_qwenimage_edit_matches_diffusers_pipeline(qwen_pipes, monkeypatch)
         expected = torch.as_tensor(expected)
         assert got.shape == expected.shape
         assert (torch.as_tensor(got) - expected).abs().max() <= 1e-4 * expected.abs().max()
-
-
-def test_qwen_prompt_encoder_packs_each_sample_as_diffusers_encodes_it(qwen_pipes):
-    qwen, ours = qwen_pipes
-    enc = ours.text_encoder
-    assert enc.embed_dim == 16 and enc.text_encoder is qwen.text_encoder  # shared, not copied
-    img = PIL.Image.new("RGB", (40, 30), (200, 30, 30))
-    with torch.no_grad():
-        embeds, lengths = enc.encode_prompts(["red", "two pictures"], [[img], [img, img]])
-        alone = [enc.encode_prompts([p], [imgs])[0] for p, imgs in (("red", [img]), ("two pictures", [img, img]))]
-    assert embeds.shape == (sum(lengths), 16) and [a.shape[0] for a in alone] == lengths
-    torch.testing.assert_close(embeds, torch.cat(alone))
 
 
 def test_qwen_path_save_and_load(qwen_pipes, tmp_path, monkeypatch):
