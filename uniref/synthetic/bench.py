@@ -31,6 +31,7 @@ __all__ = [
     "Suite",
     "evaluate",
     "format_table",
+    "paired_bootstrap",
     "suite_tasks",
     "write_grid",
     "write_suite_report",
@@ -282,3 +283,12 @@ def format_table(results: list[SuiteResult]) -> str:
         nums = " ".join(f"{r.mean[c]:>{w}.3f}" for c, w in cols)
         lines.append(f"{r.model:<{mw}}  {r.suite:<{sw}} {nums} {len(r.cases):>6d}")
     return "\n".join(lines)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``b - a`` over paired cases and its 95% bootstrap interval (resampling the cases)."""
+    d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (resamples, len(d)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
