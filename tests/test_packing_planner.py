@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uniref import plan_reference_sizes
+from uniref.packing import fit_area
 
 sizes_st = st.lists(st.tuples(st.integers(1, 4000), st.integers(1, 4000)), min_size=1, max_size=8)
 multiple_st = st.sampled_from([1, 8, 16, 32])
@@ -120,6 +121,25 @@ def test_per_image_matches_qwen_rule():
         assert abs(h * w - 1024 * 1024) / (1024 * 1024) < 0.05
         assert abs(h / w - h0 / w0) < 0.05
     assert plan_reference_sizes([(512, 512)], 1024 * 1024, mode="per_image") == [(1024, 1024)]
+
+
+@pytest.mark.parametrize("size", [(480, 640), (640, 480), (1080, 1920), (1920, 1080), (768, 1360), (333, 1000),
+                                  (1000, 333), (17, 4000), (512, 512)])
+@pytest.mark.parametrize("area", [1024 * 1024, 384 * 384, 1536 * 1536])
+def test_per_image_equals_diffusers_calculate_dimensions(size, area):
+    """Per-image planning is Qwen-Image-Edit-Plus' own `calculate_dimensions`, on non-square references too
+    (480x640 plans to 896x1184 there, where rounding each side to 16 would give 880x1184)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+
+    h, w = size
+    width, height = calculate_dimensions(area, w / h)
+    assert plan_reference_sizes([size], area, mode="per_image") == [(height, width)]
+    assert plan_reference_sizes([(480, 640)], 1024 * 1024, mode="per_image") == [(896, 1184)]
+
+
+def test_fit_area_keeps_the_aspect_at_the_multiple():
+    assert fit_area((480, 640), 64 * 64) == (48, 80)
+    assert fit_area((1024, 768), 1024 * 1024, 16) == (1184, 880)
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ __all__ = [
     "PackedLatents",
     "SequenceLayout",
     "cu_seqlens_from_lengths",
+    "fit_area",
     "concat_joint",
     "pack_latents",
     "plan_reference_sizes",
@@ -54,6 +55,14 @@ def _scaled_side(side: int, scale: Fraction, multiple: int) -> int:
     scale, float rounding could round one up and the other down, which no single scale does."""
     n = (2 * side * scale.numerator + multiple * scale.denominator) // (2 * multiple * scale.denominator)
     return max(multiple, multiple * n)
+
+
+def fit_area(size: tuple[int, int], pixel_area: int, multiple: int = 16) -> tuple[int, int]:
+    """``size`` ``(height, width)`` scaled to about ``pixel_area`` pixels with its aspect ratio, each side the
+    nearest positive multiple of ``multiple``: how the pipeline sizes a default output."""
+    (h, w), = _check_sizes([size])
+    scale = math.sqrt(pixel_area / (h * w))
+    return _round_side(h * scale, multiple), _round_side(w * scale, multiple)
 
 
 def _check_sizes(sizes) -> list[tuple[int, int]]:
@@ -89,11 +98,13 @@ def plan_reference_sizes(
         mode: ``"global"`` -- one common scale for all references, the largest for which
             ``sum(h * w) <= pixel_budget`` after rounding (it scales up as well as down, keeping relative
             sizes and aspect ratios); ``"per_image"`` -- each reference resized on its own to about
-            ``pixel_budget`` area with its aspect ratio, as the Qwen-Image-Edit-Plus pipeline does.
+            ``pixel_budget`` area with its aspect ratio, exactly as the Qwen-Image-Edit-Plus pipeline sizes
+            its references (diffusers' ``calculate_dimensions``: sides multiples of ``2 * multiple``).
 
     Returns:
         ``[(height, width), ...]``, one pair per input. Each side is within one rounding step of the
-        exactly scaled side (sides never drop below ``multiple``). Deterministic.
+        exactly scaled side (sides never drop below ``multiple``, or ``2 * multiple`` in ``"per_image"``
+        mode). Deterministic.
 
     Raises:
         ValueError: empty or non-positive sizes, a non-positive multiple, an unknown mode, or a budget
@@ -114,10 +125,16 @@ def plan_reference_sizes(
         )
 
     if mode == "per_image":
+        # Qwen-Image-Edit-Plus' own rule (diffusers' `calculate_dimensions`), float for float: the width from
+        # the area and the aspect ratio, the height from the width, each rounded half-to-even to 2 x multiple
+        # (its 32 for the 16 of VAE x patch).
+        step = 2 * multiple
         out = []
         for h, w in pairs:
-            scale = math.sqrt(pixel_budget / (h * w))
-            out.append((_round_side(h * scale, multiple), _round_side(w * scale, multiple)))
+            ratio = w / h
+            width = math.sqrt(pixel_budget * ratio)
+            height = width / ratio
+            out.append((max(step, round(height / step) * step), max(step, round(width / step) * step)))
         return out
 
     def sized(scale: float) -> list[tuple[int, int]]:

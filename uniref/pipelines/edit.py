@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from uniref.models.transformer import UniRefTransformer2DModel
-from uniref.packing import BUDGET_MODES, BudgetMode, pack_latents, plan_reference_sizes, unpack_latents
+from uniref.packing import BUDGET_MODES, BudgetMode, fit_area, pack_latents, plan_reference_sizes, unpack_latents
 from uniref.pipelines.text_encoders import PromptEncoder, QwenVLPromptEncoder
 from uniref.sampling import SamplingBatch, denoise, make_schedule
 
@@ -325,9 +325,7 @@ class UniRefEditPipeline(DiffusionPipeline):
             sizes = [_hw(img) for img in refs]
             planned = plan_reference_sizes(sizes, pixel_budget, multiple=multiple, mode=budget_mode)
             if height is None:
-                target = plan_reference_sizes(
-                    sizes[:1], self.config.target_pixels, multiple=multiple, mode="per_image"
-                )[0]
+                target = fit_area(sizes[0], self.config.target_pixels, multiple)
             else:
                 target = (height, width)
             plans.append((target, planned))
