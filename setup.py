@@ -94,7 +94,7 @@ setup(
                              "assets/default_model/*/*.safetensors"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.6", "numpy", "pillow", "safetensors", "diffusers>=0.35"],
+    install_requires=["torch>=2.6", "numpy", "pillow", "safetensors", "diffusers>=0.35", "accelerate"],
     extras_require={
         "train": ["deepspeed", "peft", "pyyaml", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers",

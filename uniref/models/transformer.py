@@ -12,9 +12,11 @@ and different prompt lengths run in one forward, and attention never crosses sam
 
 from __future__ import annotations
 
+import json
 import warnings
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -386,33 +388,110 @@ class UniRefTransformer2DModel(ModelMixin, ConfigMixin):
         return derived
 
     @classmethod
-    def from_qwenimage(cls, model_or_path, **overrides) -> "UniRefTransformer2DModel":
-        """Converts a diffusers `QwenImageTransformer2DModel` (a loaded object or a local folder) exactly.
+    def from_qwenimage(
+        cls,
+        model_or_path,
+        torch_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **overrides,
+    ) -> "UniRefTransformer2DModel":
+        """Converts a diffusers `QwenImageTransformer2DModel` exactly: a loaded object or a local folder.
 
-        The weights are copied; nothing is downloaded. ``overrides`` set config fields of ours
-        (``rope_scheme``, ``attention_backend``).
+        Our model is built with empty (meta) parameters, then filled:
+
+        * from a folder (``config.json`` + safetensors, one file or diffusers' shards with their index):
+          every tensor's name and shape checked against the shards' headers before anything is read, then
+          shard by shard, each tensor converted to ``torch_dtype`` (default: as stored) and moved to
+          ``device`` (default: the CPU) as it is assigned -- no second model, no fp32 copy;
+        * from a loaded model: our parameters ARE its tensors (no copy), converted only if ``torch_dtype`` or
+          ``device`` ask for it.
+
+        ``overrides`` set config fields of ours (``rope_scheme``, ``attention_backend``). Nothing is downloaded.
+
+        Raises:
+            WeightsError (a ValueError): a folder whose config or weights do not describe a supported
+                Qwen-Image transformer, naming the file and the tensor.
         """
+        from accelerate import init_empty_weights
         from diffusers import QwenImageTransformer2DModel
 
-        src = model_or_path
-        if not isinstance(src, QwenImageTransformer2DModel):
-            src = QwenImageTransformer2DModel.from_pretrained(str(model_or_path), local_files_only=True)
-        cfg = src.config
-        unsupported = [k for k in ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope") if cfg.get(k)]
-        if unsupported:
-            raise ValueError(f"from_qwenimage: the source model uses {unsupported}, which this model does not support")
-        model = cls(
-            patch_size=cfg.patch_size,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.out_channels or cfg.in_channels,
-            num_layers=cfg.num_layers,
-            attention_head_dim=cfg.attention_head_dim,
-            num_attention_heads=cfg.num_attention_heads,
-            joint_attention_dim=cfg.joint_attention_dim,
-            axes_dims_rope=tuple(cfg.axes_dims_rope),
+        from uniref.models.loading import WeightsError, load_into_meta_model
+
+        if isinstance(model_or_path, QwenImageTransformer2DModel):
+            with init_empty_weights():
+                model = cls(**_config_from_qwenimage(dict(model_or_path.config), "the source model"), **overrides)
+            model.load_state_dict(model_or_path.state_dict(), strict=True, assign=True)
+            if torch_dtype is not None or device is not None:
+                model = model.to(device=device, dtype=torch_dtype)
+            return model.eval()
+        folder = Path(model_or_path)
+        config_file = folder / "config.json"
+        try:
+            config = json.loads(config_file.read_text())
+        except FileNotFoundError:
+            raise WeightsError(f"{folder} has no config.json: not a saved QwenImageTransformer2DModel folder") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise WeightsError(f"{config_file} is not valid JSON ({exc})") from exc
+        name = config.get("_class_name")
+        if name not in (None, "QwenImageTransformer2DModel"):
+            raise WeightsError(f"{config_file}: _class_name is {name!r}, not QwenImageTransformer2DModel")
+        with init_empty_weights():
+            model = cls(**_config_from_qwenimage(config, str(config_file)), **overrides)
+        return load_into_meta_model(model, folder, torch_dtype, device or "cpu")
+
+    def to_qwenimage(self):
+        """This model as a diffusers `QwenImageTransformer2DModel` sharing its tensors (no copy): save it
+        with ``save_pretrained`` and diffusers' ``QwenImageEditPlusPipeline`` (and everything built on
+        diffusers) loads it unchanged.
+
+        Raises:
+            ValueError: a config diffusers' model cannot express (``rope_scheme="corner"``).
+        """
+        from accelerate import init_empty_weights
+        from diffusers import QwenImageTransformer2DModel
+
+        cfg = self.config
+        if cfg.rope_scheme != "msrope":
+            raise ValueError(f"rope_scheme={cfg.rope_scheme!r}: diffusers' QwenImageTransformer2DModel has msrope only")
+        with init_empty_weights():
+            out = QwenImageTransformer2DModel(
+                patch_size=cfg.patch_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                num_layers=cfg.num_layers, attention_head_dim=cfg.attention_head_dim,
+                num_attention_heads=cfg.num_attention_heads, joint_attention_dim=cfg.joint_attention_dim,
+                axes_dims_rope=tuple(cfg.axes_dims_rope), zero_cond_t=cfg.zero_cond_t,
+            )
+        out.load_state_dict(self.state_dict(), strict=True, assign=True)
+        return out.eval()
+
+    def save_pretrained(self, save_directory, *args, format: str = "uniref", **kwargs):
+        """diffusers' ``save_pretrained``; ``format="diffusers"`` writes a `QwenImageTransformer2DModel` folder
+        instead (`to_qwenimage`), for diffusers, ComfyUI and the tools built on them."""
+        if format == "diffusers":
+            return self.to_qwenimage().save_pretrained(save_directory, *args, **kwargs)
+        if format != "uniref":
+            raise ValueError(f"format must be 'uniref' or 'diffusers', got {format!r}")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _config_from_qwenimage(cfg: dict, where: str) -> dict:
+    """Our config fields for a diffusers `QwenImageTransformer2DModel` config; its options this model does not
+    implement are refused, naming where the config came from."""
+    from uniref.models.loading import WeightsError
+
+    unsupported = [k for k in ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope") if cfg.get(k)]
+    if unsupported:
+        raise WeightsError(f"from_qwenimage: {where} uses {unsupported}, which this model does not support")
+    try:
+        return dict(
+            patch_size=cfg.get("patch_size", 2),
+            in_channels=cfg.get("in_channels", 64),
+            out_channels=cfg.get("out_channels") or cfg.get("in_channels", 64),
+            num_layers=cfg.get("num_layers", 60),
+            attention_head_dim=cfg.get("attention_head_dim", 128),
+            num_attention_heads=cfg.get("num_attention_heads", 24),
+            joint_attention_dim=cfg.get("joint_attention_dim", 3584),
+            axes_dims_rope=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
             zero_cond_t=bool(cfg.get("zero_cond_t", False)),
-            **overrides,
         )
-        model.load_state_dict(src.state_dict(), strict=True)
-        model = model.to(device=src.device)
-        return model if src.dtype == model.dtype else model.to(dtype=src.dtype)
+    except TypeError as exc:
+        raise WeightsError(f"{where}: a config field has the wrong type ({exc})") from exc
