@@ -317,10 +317,16 @@ def _message(lines: list[str]) -> str:
 def build_app(pipe, model_name: str = "", default_guidance: float = 4.0, title: str = "uniref demo"):
     """The Gradio app (a ``gradio.Blocks``, not launched) around a loaded `UniRefEditPipeline`.
 
-    Element ids the page exposes (for tests and styling): ``references``, ``prompt``, ``negative``,
-    ``budget-mode``, ``pixel-budget``, ``out-height``, ``out-width``, ``steps``, ``guidance``, ``seed``,
-    ``run``, ``plan``, ``plan-note``, ``message``, ``output``, ``download``, ``gallery``; on the synthetic
-    tab ``syn-kind``, ``syn-refs``, ``syn-seed``, ``syn-sample``, ``syn-run``, ``syn-strip``, ``syn-scores``.
+    Args:
+        pipe: the loaded pipeline; one sampling runs at a time.
+        model_name: how the page names the model (default: the pipeline's folder).
+        default_guidance: the guidance slider's start value.
+
+    Element ids the page exposes (for tests and styling): ``references``, ``ref-view``, ``prompt``,
+    ``negative``, ``budget-mode``, ``pixel-budget``, ``out-height``, ``out-width``, ``steps``, ``guidance``,
+    ``seed``, ``run``, ``message``, ``plan-note``, ``plan``, ``output``, ``download``, ``gallery``; on the
+    synthetic tab ``syn-kind``, ``syn-refs``, ``syn-seed``, ``syn-split``, ``syn-steps``, ``syn-sample``,
+    ``syn-run``, ``syn-prompt``, ``syn-refs-view``, ``syn-strip``, ``syn-scores``, ``syn-message``.
     """
     gr = _import_gradio()
     import pandas as pd
@@ -349,6 +355,7 @@ def build_app(pipe, model_name: str = "", default_guidance: float = 4.0, title: 
         note += "".join(f"  \n**Plan:** {e}" for e in table.errors)
         return pd.DataFrame(table.rows, columns=table.headers), previews, note, _message(errors)
 
+    # A gr.Progress default in a handler's signature makes Gradio show the pipeline's tqdm bar in the page.
     def run(files, prompt, negative, mode, budget, height, width, steps, guidance, seed, results,
             progress=gr.Progress(track_tqdm=True)):
         start = time.perf_counter()
@@ -383,11 +390,12 @@ def build_app(pipe, model_name: str = "", default_guidance: float = 4.0, title: 
             path = synthetic_strip(task, out, out_dir / f"synthetic-{next(counter):04d}.png")
         except Exception as exc:  # noqa: BLE001
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), _message([_one_line(exc)])
-        table = pd.DataFrame([[f"{scores[k]:.3f}" for k in ("integration", "consistency", "quality", "overall")]],
-                             columns=["integration", "consistency", "quality", "overall"])
+        names = ["integration", "consistency", "quality", "overall"]
+        table = pd.DataFrame([[f"{scores[name]:.3f}" for name in names]], columns=names)
         return list(task.images), task.prompt, str(path), table, ""
 
-    with gr.Blocks(title=title, analytics_enabled=False) as app:
+    # delete_cache: uploads and results in Gradio's cache older than a day are removed hourly
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         gr.Markdown(f"## {title}\nMulti-reference editing with SELF: all references share one pixel budget. "
                     f"Model: {model_name or pipe.name_or_path}; sides are multiples of {m} px.")
         with gr.Tab("Edit"):
