@@ -198,6 +198,63 @@ def test_sample_synthetic_rejects_bad_fields(args, message):
 
 
 # --------------------------------------------------------------------------------------------
+# The page's handlers (the functions Gradio calls), without a server
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def handlers(pipe):
+    from uniref.demo import build_app
+
+    app = build_app(pipe, "the embedded default model", 1.0)
+    assert app.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    return {f.name: f.fn for f in app.fns.values()}
+
+
+@needs_gradio
+def test_page_plan_shows_both_modes_and_names_bad_uploads(handlers, tmp_path):
+    paths = [str(EXAMPLE / f"ref{k}.png") for k in (1, 2, 3)]
+    table, previews, note, message = handlers["plan_view"](paths, 16384, 0, 0)
+    assert list(table["image"]) == ["ref 1", "ref 2", "ref 3", "output", "total"]
+    assert [caption for _, caption in previews] == ["image 1", "image 2", "image 3"]
+    assert "**320** tokens with SELF's global budget, **840** with a budget per image" in note
+    assert message == ""
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"garbage")
+    table, previews, note, message = handlers["plan_view"]([str(corrupt)] + paths, 150, 0, 0)
+    assert message == "**Error:** corrupt.png: is not an image file Pillow can read  "
+    assert len(previews) == 3 and "**Plan:** SELF global: pixel_budget=150 is too small" in note
+    _, _, note, _ = handlers["plan_view"](paths, "many", 0, 0)
+    assert note == "**Plan:** pixel budget must be a whole number, got 'many'"
+
+
+@needs_gradio
+def test_page_run_shows_output_download_gallery_or_one_line(handlers):
+    paths = [str(EXAMPLE / f"ref{k}.png") for k in (1, 2, 3)]
+    args = [paths, PROMPT, "", "SELF global", 16384, 0, 0, 2, 1.0, 3]
+    image, path, gallery, results, message = handlers["run"](*args, [])
+    assert image.size == (64, 64) and Image.open(path).format == "PNG"
+    assert Image.open(path).tobytes() == image.tobytes()
+    assert gallery == results and len(results) == 1 and message.startswith("Done: 64x64, 2 steps, seed 3")
+    message = handlers["run"](*args[:1], "  ", *args[2:], results)[-1]
+    assert message.startswith("**Error:** the prompt is empty")
+    # a failure that is not the request's (here: a results list Gradio would never send) is one line too
+    out = handlers["run"](paths, PROMPT, "", "SELF global", 16384, 0, 0, 2, 1.0, 3, None)
+    assert out[-1].startswith("**Error:** internal error (TypeError") and "\n" not in out[-1]
+
+
+@needs_gradio
+def test_page_synthetic_tab(handlers):
+    refs, prompt, message = handlers["synthetic_sample"]("compose", 4, 2, "val")
+    assert len(refs) == 4 and prompt and message == ""
+    assert handlers["synthetic_sample"]("paint", 3, 0, "test")[-1].startswith("**Error:** task kind must be one of")
+    refs, prompt, strip, scores, message = handlers["synthetic_run"]("compose", 2, 1, "test", 2, 1.0)
+    assert len(refs) == 2 and Image.open(strip).format == "PNG" and message == ""
+    assert list(scores.columns) == ["integration", "consistency", "quality", "overall"]
+    assert all(0 <= float(v) <= 1 for v in scores.iloc[0])
+
+
+# --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
 
@@ -216,7 +273,7 @@ def _free_port() -> int:
 
 def start_demo(log_dir: Path, *args: str) -> tuple[subprocess.Popen, str]:
     """Starts `uniref demo --port P ARGS` (the console script's entry point, `uniref.cli.main`) on a free
-    port and waits until it serves its page. Returns ``(process, url)``; stop it with `stop_demo`. The
+    port and waits until it says it serves, and serves its page. Returns ``(process, url)``; stop it with `stop_demo`. The
     server's output goes to ``log_dir/server.log``."""
     port = _free_port()
     log_path = log_dir / "server.log"
@@ -231,12 +288,12 @@ def start_demo(log_dir: Path, *args: str) -> tuple[subprocess.Popen, str]:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"uniref demo exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
+        if "serving on" not in log_path.read_text():  # printed once the server is up
             time.sleep(0.5)
+            continue
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.status == 200
+        return proc, url
     stop_demo(proc)
     raise AssertionError(f"uniref demo did not serve {url} within {SERVER_START_S} s:\n{log_path.read_text()}")
 

@@ -368,10 +368,9 @@ def build_app(pipe, model_name: str = "", default_guidance: float = 4.0, title: 
                              guidance, seed)
             path = out_dir / f"uniref-{next(counter):04d}-seed{int(float(seed))}.png"
             write_image_atomic(image, path)
-        except Exception as exc:  # noqa: BLE001
-            return gr.skip(), gr.skip(), gr.skip(), results, _message([_one_line(exc)])
-        caption = f"{prompt.strip()[:60]} ({mode}, seed {int(float(seed))})"
-        results = [(str(path), caption)] + list(results)
+            results = [(str(path), f"{prompt.strip()[:60]} ({mode}, seed {int(float(seed))})"), *results]
+        except Exception as exc:  # noqa: BLE001  (shown in the page; the server keeps serving)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), _message([_one_line(exc)])
         done = (f"Done: {image.width}x{image.height}, {int(float(steps))} steps, seed {int(float(seed))}, "
                 f"in {time.perf_counter() - start:.1f} s.")
         return image, str(path), results, results, done
