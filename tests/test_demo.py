@@ -273,8 +273,8 @@ def _free_port() -> int:
 
 def start_demo(log_dir: Path, *args: str) -> tuple[subprocess.Popen, str]:
     """Starts `uniref demo --port P ARGS` (the console script's entry point, `uniref.cli.main`) on a free
-    port and waits until it says it serves, and serves its page. Returns ``(process, url)``; stop it with `stop_demo`. The
-    server's output goes to ``log_dir/server.log``."""
+    port and waits until it says it serves, and serves its page. Returns ``(process, url)``; stop it with
+    `stop_demo`. The server's output goes to ``log_dir/server.log``."""
     port = _free_port()
     log_path = log_dir / "server.log"
     with open(log_path, "wb") as log:
@@ -351,3 +351,19 @@ def test_demo_command_rejects_a_bad_port():
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2 and "is not a port number (1..65535)" in result.stderr
+
+
+@needs_gradio
+def test_demo_command_port_in_use_is_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-c", "import sys; from uniref.cli import main; sys.exit(main())", "demo",
+             "--port", str(port)],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )
+    assert result.returncode == 2
+    assert result.stderr == (f"uniref demo: cannot listen on 127.0.0.1:{port} (in use, or not an address of this "
+                             "machine); pick another --port or --host\n")

@@ -554,8 +554,8 @@ def run_demo(args: argparse.Namespace) -> int:
     app = build_app(pipe, args.model or "the embedded default model", 1.0 if args.model is None else 4.0)
     try:
         launch(app, args.host, args.port)
-    except OSError as exc:
-        print(f"uniref demo: cannot listen on {args.host}:{args.port} ({exc}); pick another --port",
-              file=sys.stderr)
+    except OSError:  # Gradio's message speaks of launch() arguments; say it in the command's terms
+        print(f"uniref demo: cannot listen on {args.host}:{args.port} (in use, or not an address of this machine); "
+              "pick another --port or --host", file=sys.stderr)
         return 2
     return 0
