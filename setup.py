@@ -97,8 +97,11 @@ setup(
     install_requires=["torch>=2.6", "numpy", "pillow", "safetensors", "diffusers>=0.35", "accelerate"],
     extras_require={
         "train": ["deepspeed", "peft", "pyyaml", "matplotlib"],
+        # the web demo (`uniref demo`); pandas comes with Gradio
+        "demo": ["gradio>=6.0"],
+        # the demo's tests drive Debian's chromium + chromium-driver (apt) through Selenium
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers",
-                 "deepspeed", "peft", "pyyaml", "matplotlib"],
+                 "deepspeed", "peft", "pyyaml", "matplotlib", "gradio>=6.0", "selenium>=4.11"],
         "qwen": ["transformers"],
         "triton": ["triton"],
     },

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_edit_parser(sub)
     add_eval_parser(sub)
+
+    from uniref.demo import add_demo_parser  # gradio itself is imported only when the demo runs
+
+    add_demo_parser(sub)
     return parser
 
 
