@@ -276,21 +276,21 @@ def test_from_qwenimage_edit_matches_diffusers_pipeline(qwen_pipes, monkeypatch)
     """Same prompts, images, seed and guidance: the same latents and image as QwenImageEditPlusPipeline.
 
     diffusers resizes every reference to ~1024^2 (its module constant VAE_IMAGE_SIZE); it is lowered to
-    64^2 so this runs in seconds, and ours runs in per_image mode at the same budget. Square inputs make
-    both pipelines' rounding (to 32 there, 16 here) agree.
+    64^2 so this runs in seconds, and ours runs in per_image mode at the same budget, which sizes references
+    by diffusers' own rule: non-square references plan to the same sizes in both.
     """
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen_module
 
     qwen, ours = qwen_pipes
     monkeypatch.setattr(qwen_module, "VAE_IMAGE_SIZE", 64 * 64)
     rng = np.random.default_rng(0)
-    refs = [random_image(rng, 64, 64), random_image(rng, 96, 96)]
+    refs = [random_image(rng, 48, 80), random_image(rng, 96, 64)]
     common = dict(prompt="swap them", negative_prompt="blurry", true_cfg_scale=3.0, num_inference_steps=3)
     for output_type in ("latent", "np"):
         expected = qwen(image=refs, height=64, width=64, generator=torch.Generator().manual_seed(5),
                         output_type=output_type, **common).images[0]
         got = ours(refs, pixel_budget=64 * 64, budget_mode="per_image", generator=torch.Generator().manual_seed(5),
-                   output_type=output_type, **common).images[0]
+                   height=64, width=64, output_type=output_type, **common).images[0]
         if output_type == "latent":  # diffusers returns packed target tokens; ours the (C, h, w) latent
             got = uniref.pack_latents([[got]]).tokens
         expected = torch.as_tensor(expected)

@@ -99,12 +99,13 @@ def plan_reference_sizes(
             ``sum(h * w) <= pixel_budget`` after rounding (it scales up as well as down, keeping relative
             sizes and aspect ratios); ``"per_image"`` -- each reference resized on its own to about
             ``pixel_budget`` area with its aspect ratio, exactly as the Qwen-Image-Edit-Plus pipeline sizes
-            its references (diffusers' ``calculate_dimensions``: sides multiples of ``2 * multiple``).
+            its references (diffusers' ``calculate_dimensions``: sides multiples of 32, or of
+            ``lcm(32, multiple)``).
 
     Returns:
         ``[(height, width), ...]``, one pair per input. Each side is within one rounding step of the
-        exactly scaled side (sides never drop below ``multiple``, or ``2 * multiple`` in ``"per_image"``
-        mode). Deterministic.
+        exactly scaled side (sides never drop below ``multiple``, or ``lcm(32, multiple)`` in
+        ``"per_image"`` mode). Deterministic.
 
     Raises:
         ValueError: empty or non-positive sizes, a non-positive multiple, an unknown mode, or a budget
@@ -126,9 +127,9 @@ def plan_reference_sizes(
 
     if mode == "per_image":
         # Qwen-Image-Edit-Plus' own rule (diffusers' `calculate_dimensions`), float for float: the width from
-        # the area and the aspect ratio, the height from the width, each rounded half-to-even to 2 x multiple
-        # (its 32 for the 16 of VAE x patch).
-        step = 2 * multiple
+        # the area and the aspect ratio, the height from the width, each rounded half-to-even to 32 pixels
+        # (to a multiple of lcm(32, multiple) where the model needs coarser sides).
+        step = math.lcm(32, multiple)
         out = []
         for h, w in pairs:
             ratio = w / h
