@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from uniref.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from uniref.training.collective import all_finite
+from uniref.training.checkpoint import (CheckpointError, check_resumable, find_checkpoint, load_checkpoint,
+                                        save_checkpoint)
+from uniref.training.collective import all_finite, broadcast_text
 from uniref.training.config import ConfigError, TrainConfig
 from uniref.training.metrics import MetricsLog, plot_curves
 from uniref.training.modules import EditModel, adapters_disabled, build_pipeline, merged_pipeline
+from uniref.training.rundir import RunFolderError, prepare_output
 
 __all__ = ["deepspeed_config", "lr_lambda", "train"]
 
@@ -258,14 +260,59 @@ def _save_atomically(model, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> Path:
-    """Runs a whole training job; returns the output folder. Every rank calls it."""
-    import deepspeed
+def _open_run(cfg: TrainConfig, resume: str | None, overwrite: bool, rank: int):
+    """Rank 0 locks the run folder, checks it and picks the checkpoint; every rank learns the outcome.
 
+    Returns the held lock (rank 0; None elsewhere), the checkpoint to resume from (or None), a string the
+    same on every rank and unique to this run (temporary names) and the notes to print.
+    """
+    lock, outcome = None, {}
+    if rank == 0:
+        try:
+            lock, warning = prepare_output(cfg.output, resume, overwrite)
+            notes = [warning] if warning else []
+            skipped: list[str] = []
+            checkpoint = find_checkpoint(resume, cfg.output, skipped) if resume else None
+            notes += [f"--resume auto: skipped checkpoint {line}" for line in skipped]
+            if checkpoint is not None:
+                check_resumable(checkpoint, cfg.to_dict(), cfg.total_steps)
+            elif resume == "auto":
+                notes.append(f"--resume auto: no complete checkpoint in {cfg.output}; starting at step 0")
+            outcome = {"checkpoint": str(checkpoint) if checkpoint else None, "notes": notes,
+                       "tag": f"{os.getpid()}-{time.time_ns()}"}
+        except (RunFolderError, CheckpointError) as exc:
+            if lock is not None:
+                lock.release()
+            outcome = {"error": str(exc), "kind": type(exc).__name__}
+    outcome = json.loads(broadcast_text(json.dumps(outcome)))
+    if "error" in outcome:
+        raise (RunFolderError if outcome["kind"] == "RunFolderError" else CheckpointError)(outcome["error"])
+    checkpoint = Path(outcome["checkpoint"]) if outcome["checkpoint"] else None
+    return lock, checkpoint, outcome["tag"], outcome["notes"]
+
+
+def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Runs a whole training job; returns the output folder. Every rank calls it.
+
+    ``resume``: ``"auto"`` or a checkpoint folder; ``overwrite``: replace the run already in ``cfg.output``
+    (without either, a folder that holds a run is refused).
+    """
     rank, world, device = setup_distributed()
-    out = Path(cfg.output)
     gas = accumulation_steps(cfg, world)
     ds_config = deepspeed_config(cfg, world)
+    lock, checkpoint, tag, notes = _open_run(cfg, resume, overwrite, rank)
+    try:
+        return _train(cfg, rank, world, device, gas, ds_config, checkpoint, tag, notes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device, gas: int, ds_config: dict, checkpoint: Path | None,
+           tag: str, notes: list[str]) -> Path:
+    import deepspeed
+
+    out = Path(cfg.output)
     torch.manual_seed(cfg.seed)
     reward = None
     if cfg.task == "msgrpo":
@@ -297,15 +344,15 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     )
 
     state = {"step": 0, "cursor": 0, "stage": 0, "rl_step": 0}
-    checkpoint = find_checkpoint(resume, out) if resume else None
     if checkpoint is not None:
         state.update(load_checkpoint(engine, checkpoint, exclude_frozen=lora))
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
     log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0, resume_step=state["step"])
-    if rank == 0 and checkpoint is not None:
+    for note in notes:
+        log.warn(note)
+    if checkpoint is not None:
         log.info(f"resumed from {checkpoint} at step {state['step']}")
 
     ref = (ref_model, (lambda: adapters_disabled(engine.module.transformer)) if lora else None)
@@ -341,7 +388,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             key = "reward/weighted" if cfg.task == "msgrpo" else "loss"
             bar.set_postfix({key: f"{metrics[key]:.4f}"})
         if state["step"] % cfg.checkpoint.every == 0 or state["step"] == total:
-            save_checkpoint(engine, out, state["step"], state, cfg.checkpoint.keep_last, exclude_frozen=lora)
+            save_checkpoint(engine, out, state["step"], state, cfg.checkpoint.keep_last, exclude_frozen=lora,
+                            config=cfg.to_dict(), tmp_tag=tag)
     if bar is not None:
         bar.close()
     _export(engine, pipe, cfg, out, rank)
