@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import shutil
 import socket
@@ -23,6 +22,7 @@ from uniref.training.config import ConfigError, TrainConfig
 from uniref.training.metrics import MetricsLog, plot_curves
 from uniref.training.modules import EditModel, adapters_disabled, build_pipeline, merged_pipeline
 from uniref.training.rundir import RunFolderError, prepare_output
+from uniref.training.schedule import lr_lambda
 
 __all__ = ["deepspeed_config", "lr_lambda", "train"]
 
@@ -118,20 +118,6 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         "steps_per_print": 2**31 - 1,
         "zero_allow_untested_optimizer": True,
     }
-
-
-def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float):
-    """LR multiplier at an optimizer step: linear warmup, then cosine to ``min_ratio`` (or constant)."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 def optimizer_lr(engine) -> float:
@@ -297,6 +283,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
     ``resume``: ``"auto"`` or a checkpoint folder; ``overwrite``: replace the run already in ``cfg.output``
     (without either, a folder that holds a run is refused).
     """
+    cfg.check_environment()
     rank, world, device = setup_distributed()
     gas = accumulation_steps(cfg, world)
     ds_config = deepspeed_config(cfg, world)
