@@ -228,7 +228,9 @@ def check_resumable(path: str | Path, config: dict, total_steps: int) -> int:
     try:
         saved = _flatten(json.loads((path / CONFIG_FILE).read_text()))
     except FileNotFoundError:
-        raise CheckpointError(f"--resume {path}: no {CONFIG_FILE} (written by an older uniref); start a new run") from None
+        raise CheckpointError(
+            f"--resume {path}: no {CONFIG_FILE} (written by an older uniref); start a new run"
+        ) from None
     now = _flatten(json.loads(json.dumps(config)))
     differ = [k for k in sorted(set(saved) | set(now))
               if saved.get(k, "<absent>") != now.get(k, "<absent>") and not any(h.search(k) for h in HARMLESS_KEYS)]

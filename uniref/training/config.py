@@ -115,7 +115,8 @@ class LoraConfig:
     dropout: float = 0.0  # dropout on the adapters' input, in [0, 1]
     # names of the transformer's linear layers that get adapters (peft's suffix match)
     target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                 "to_add_out"]
     )
 
     def check(self, c: _Checks) -> None:
@@ -159,9 +160,10 @@ class ModelConfig:
         if self.lora is not None:
             self.lora.check(c)
             if self.train_text_encoder:
-                c.errors.append("model.lora: LoRA trains adapters on the transformer only; set model.train_text_encoder: "
-                                "false")
-        c.need(self.attention_backend in ("auto", *BACKENDS), f"model.attention_backend: must be auto or one of {BACKENDS}")
+                c.errors.append("model.lora: LoRA trains adapters on the transformer only; set "
+                                "model.train_text_encoder: false")
+        c.need(self.attention_backend in ("auto", *BACKENDS),
+               f"model.attention_backend: must be auto or one of {BACKENDS}")
 
     def check_files(self, c: _Checks) -> None:
         """The model folders exist and hold safetensors weights (nothing else is ever loaded)."""
@@ -490,7 +492,8 @@ class TrainConfig:
         m = self.model
         sources = [k for k in ("preset", "pretrained", "qwen_image_edit") if getattr(m, k) is not None]
         if self.task == "vae":
-            c.need(not sources, f"model: a vae task trains its own autoencoder (the vae section); remove model.{sources}")
+            c.need(not sources,
+                   f"model: a vae task trains its own autoencoder (the vae section); remove model.{sources}")
         else:
             c.need(len(sources) == 1,
                    f"model: give exactly one of preset, pretrained, qwen_image_edit (got {sources or 'none'})")
@@ -741,7 +744,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"--config {path}: not UTF-8 text") from None
         loaded = _read_yaml(text, f"--config {path}")
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"--config {path}: the top level must be a mapping of sections, got {type(loaded).__name__}"
+            )
         tree.update(loaded or {})
     tree = json.loads(json.dumps(tree))  # a deep copy that the overrides may change
     for item in overrides:

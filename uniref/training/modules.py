@@ -33,7 +33,8 @@ def build_pipeline(model_cfg, seed: int):
                 pixel_budget=pipe.config.get("pixel_budget"),
             )
     elif model_cfg.pretrained is not None:
-        pipe = UniRefEditPipeline.from_pretrained(None if model_cfg.pretrained == "default" else Path(model_cfg.pretrained))
+        path = None if model_cfg.pretrained == "default" else Path(model_cfg.pretrained)
+        pipe = UniRefEditPipeline.from_pretrained(path)
         pipe.transformer.register_to_config(attention_backend=model_cfg.attention_backend)
     else:
         from diffusers import QwenImageEditPlusPipeline

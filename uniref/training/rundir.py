@@ -101,7 +101,9 @@ def prepare_output(folder: str | Path, resume: str | None, overwrite: bool) -> t
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise RunFolderError(f"--output {folder}: a file is in the way of the run folder; pick another --output") from None
+        raise RunFolderError(
+            f"--output {folder}: a file is in the way of the run folder; pick another --output"
+        ) from None
     except PermissionError:
         raise RunFolderError(f"--output {folder}: cannot create the run folder (permission denied)") from None
     lock = RunLock(folder)
