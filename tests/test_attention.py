@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import uniref
 from uniref.ops.attention import unavailable_reason
 from uniref.ops.attention_reference import cu_seqlens, make_varlen_inputs, varlen_attention_reference
-from conftest import DEVICES
+from devices import DEVICES
 
 _ops = torch.ops.uniref
 

@@ -7,7 +7,7 @@ import uniref
 from uniref.attention import BACKENDS, auto_backend, available_backends
 from uniref.ops import attention as attention_ops
 from uniref.ops.attention_reference import make_varlen_inputs, varlen_attention_reference
-from conftest import DEVICES
+from devices import DEVICES
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 

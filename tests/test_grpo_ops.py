@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import uniref.grpo as grpo
-from conftest import DEVICES
+from devices import DEVICES
 from test_grpo_reference import loss_inputs
 from uniref.ops import grpo_reference as ref
 

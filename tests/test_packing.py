@@ -14,7 +14,7 @@ from uniref.ops.packing_reference import (
     split_joint_reference,
     unpack_reference,
 )
-from conftest import DEVICES
+from devices import DEVICES
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
