@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,28 @@ def test_token_budget_is_bounded_by_the_model_and_the_machine(tmp_path):
     load_config(base=SFT, overrides=["sft.token_budget=100000"]).check_environment()
     line = _one_line_error(tmp_path, yaml.safe_dump(SFT), "sft.token_budget=100000000000")
     assert "over this machine's limit of" in line
+
+
+def test_every_config_field_is_documented_where_declared():
+    import dataclasses
+    import inspect
+
+    from uniref.training import config
+
+    undocumented = []
+    for name, cls in inspect.getmembers(config, lambda c: dataclasses.is_dataclass(c) and isinstance(c, type)):
+        lines = inspect.getsource(cls).splitlines()
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]):
+                continue  # a section: documented by its own class
+            at = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{f.name}:"))
+            if "#" not in lines[at] and not lines[at - 1].strip().startswith("#"):
+                undocumented.append(f"{name}.{f.name}")
+    assert not undocumented
+
+
+def test_choice_aliases_match_their_implementations():
+    from uniref import self as packing
+    from uniref.training.config import BudgetMode
+
+    assert typing.get_args(BudgetMode) == packing._MODES

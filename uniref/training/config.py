@@ -555,8 +555,9 @@ def _token_limit(model: ModelConfig, bf16: bool) -> tuple[int | None, str]:
     if geometry is None:
         return None, ""
     layers, width = geometry
-    if torch.cuda.is_available():
-        memory, where = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "GPU memory"
+    if torch.cuda.is_available():  # this rank's GPU, by index: no CUDA context is created here
+        device = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        memory, where = torch.cuda.get_device_properties(device).total_memory, "GPU memory"
     else:
         memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
     per_token = layers * width * (2 if bf16 else 4)

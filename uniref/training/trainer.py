@@ -118,7 +118,7 @@ def _open_run(cfg: TrainConfig, resume: str | None, overwrite: bool, rank: int):
     Returns the held lock (rank 0; None elsewhere), the checkpoint to resume from (or None), a string the
     same on every rank and unique to this run (temporary names) and the notes to print.
     """
-    lock, outcome = None, {}
+    lock, outcome, failure = None, {}, None
     if rank == 0:
         try:
             lock, warning = prepare_output(cfg.output, resume, overwrite)
@@ -132,13 +132,15 @@ def _open_run(cfg: TrainConfig, resume: str | None, overwrite: bool, rank: int):
                 notes.append(f"--resume auto: no complete checkpoint in {cfg.output}; starting at step 0")
             outcome = {"checkpoint": str(checkpoint) if checkpoint else None, "notes": notes,
                        "tag": f"{os.getpid()}-{time.time_ns()}"}
-        except (RunFolderError, CheckpointError) as exc:
+        except Exception as exc:  # whatever it is, the other ranks must hear of it rather than wait
             if lock is not None:
                 lock.release()
-            outcome = {"error": str(exc), "kind": type(exc).__name__}
+            failure, outcome = exc, {"error": str(exc), "kind": type(exc).__name__}
     outcome = json.loads(broadcast_text(json.dumps(outcome)))
+    if failure is not None:
+        raise failure
     if "error" in outcome:
-        raise (RunFolderError if outcome["kind"] == "RunFolderError" else CheckpointError)(outcome["error"])
+        raise (CheckpointError if outcome["kind"] == "CheckpointError" else RunFolderError)(outcome["error"])
     checkpoint = Path(outcome["checkpoint"]) if outcome["checkpoint"] else None
     return lock, checkpoint, outcome["tag"], outcome["notes"]
 
