@@ -37,10 +37,12 @@ def broadcast_text(text: str) -> str:
     """Rank 0's ``text`` on every rank (the others pass anything). All ranks call it."""
     if _world() == 1:
         return text
-    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
-    size = torch.tensor([data.numel()], dtype=torch.int64)
+    # nccl moves GPU tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
     dist.broadcast(size, src=0)
     if dist.get_rank() != 0:
-        data = torch.empty(int(size), dtype=torch.uint8)
+        data = torch.empty(int(size), dtype=torch.uint8, device=device)
     dist.broadcast(data, src=0)
     return bytes(data.tolist()).decode()
