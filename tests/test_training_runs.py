@@ -41,7 +41,8 @@ def test_msgrpo_raises_the_mean_reward(tmp_path):
     first, last = sum(reward[:10]) / 10, sum(reward[-10:]) / 10
     assert last > first + 0.03, (first, last)
     rows = read_metrics(out / "metrics.jsonl")
-    for key in ("reward/red_left", "reward/green_top", "zero_std_fraction", "clip_fraction", "kl", "ratio_mean", "grad_norm"):
+    for key in ("reward/red_left", "reward/green_top", "zero_std_fraction", "clip_fraction", "kl", "ratio_mean",
+                "grad_norm"):
         assert all(key in r for r in rows), key
 
 
@@ -175,7 +176,8 @@ def test_vae_task_learns_and_feeds_a_preset(tmp_path):
     sft = {**SFT, "model": {"preset": "tiny", "vae": str(out / "final"), "train_text_encoder": True},
            "sft": {"stages": [{"pixel_budget": 4096, "steps": 2}], "token_budget": 400}}
     run(write(tmp_path, sft, "sft.yaml"), tmp_path / "sft")
-    assert json.loads((tmp_path / "sft" / "final" / "vae" / "config.json").read_text())["block_out_channels"] == [16, 32, 32]
+    vae_config = json.loads((tmp_path / "sft" / "final" / "vae" / "config.json").read_text())
+    assert vae_config["block_out_channels"] == [16, 32, 32]
     bad = {**sft, "model": {**sft["model"], "vae": str(tmp_path)}}
     proc = run(write(tmp_path, bad, "bad.yaml"), tmp_path / "bad", check=False)
     assert proc.returncode == 2 and "is not a saved AutoencoderKL folder" in proc.stderr
