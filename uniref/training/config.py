@@ -3,7 +3,11 @@
 Every mistake is caught before any work starts and reported in one `ConfigError` that lists each
 problem with its dotted key (``sft.stages[1].pixel_budget: must be an int > 0, got -4``): unknown keys
 (with the closest known one), wrong types, and impossible combinations (MSGRPO without a group, a
-micro-batch count that does not divide among the ranks, LoRA on a frozen model, ...).
+micro-batch count that does not divide among the ranks, LoRA on a frozen model, ...). Each section
+(dataclass) documents its fields where they are declared and checks them in its ``check``;
+`TrainConfig.check` adds the rules that join sections. What depends on the machine the job runs on (the
+model folders, the token budget's memory bound) is checked where the job starts, by
+`TrainConfig.check_environment`. YAML is read as plain data (no aliases, no binary or date values).
 
 The tree (defaults in the dataclasses below; `training/configs/*.yaml` are complete examples):
 
