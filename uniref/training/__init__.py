@@ -4,7 +4,11 @@
     data.py        the synthetic stream, planned under a pixel budget, packed by a token budget
     sft.py         the flow-matching loss on packed batches
     msgrpo.py      rollouts with log-probs, multi-source rewards and advantages, the clipped loss
-    checkpoint.py  atomic checkpoints and exact resume
+    vae.py         the autoencoder task's model and loss
+    tasks.py       one object per task (vae, sft, msgrpo): build, step, export
+    schedule.py    the learning-rate schedule
+    rundir.py      the run folder: its lock, and never clobbering another run
+    checkpoint.py  atomic checkpoints with a manifest, weights-only loading, exact resume
     trainer.py     DeepSpeed setup and the loop
 """
 

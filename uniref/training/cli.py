@@ -18,10 +18,16 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="a YAML config (training/configs/*.yaml)")
-    p.add_argument("--resume", default=None, help="auto (the newest complete checkpoint of --output) or a checkpoint folder")
-    p.add_argument("--output", default=None, help="the run folder (overrides the config's output)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's launcher
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4 sft.token_budget=512")
+    p.add_argument("--resume", default=None,
+                   help="auto (the newest complete checkpoint of --output) or a checkpoint folder")
+    p.add_argument("--output", default=None, help="the run folder (overrides the config's output); a folder that "
+                   "holds a run needs --resume or --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --output (removes what a run wrote there: checkpoints, final, logs)")
+    # deepspeed's launcher passes it
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. optim.lr=3e-4 sft.token_budget=512")
     return p
 
 
@@ -35,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from uniref.training.checkpoint import CheckpointError
+    from uniref.training.rundir import RunFolderError
     from uniref.training.trainer import train
 
     try:
-        train(cfg, resume=args.resume)
-    except (ConfigError, FileNotFoundError) as exc:
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ConfigError, CheckpointError, RunFolderError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:

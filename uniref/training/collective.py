@@ -1,4 +1,5 @@
-"""The few collectives the training loop needs: agreeing on failure, and averaging logged numbers."""
+"""The few collectives the training loop needs: agreeing on failure, on rank 0's decisions, and averaging
+logged numbers."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_finite", "global_mean"]
+__all__ = ["all_finite", "broadcast_text", "global_mean"]
 
 
 def _world() -> int:
@@ -30,3 +31,18 @@ def global_mean(values: dict[str, Tensor]) -> dict[str, float]:
         dist.all_reduce(t)
         t /= _world()
     return {k: float(v) for k, v in zip(keys, t)}
+
+
+def broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every rank (the others pass anything). All ranks call it."""
+    if _world() == 1:
+        return text
+    # nccl moves GPU tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    if dist.get_rank() != 0:
+        data = torch.empty(int(size), dtype=torch.uint8, device=device)
+    dist.broadcast(data, src=0)
+    return bytes(data.tolist()).decode()

@@ -3,7 +3,11 @@
 Every mistake is caught before any work starts and reported in one `ConfigError` that lists each
 problem with its dotted key (``sft.stages[1].pixel_budget: must be an int > 0, got -4``): unknown keys
 (with the closest known one), wrong types, and impossible combinations (MSGRPO without a group, a
-micro-batch count that does not divide among the ranks, LoRA on a frozen model, ...).
+micro-batch count that does not divide among the ranks, LoRA on a frozen model, ...). Each section
+(dataclass) documents its fields where they are declared and checks them in its ``check``;
+`TrainConfig.check` adds the rules that join sections. What depends on the machine the job runs on (the
+model folders, the token budget's memory bound) is checked where the job starts, by
+`TrainConfig.check_environment`. YAML is read as plain data (no aliases, no binary or date values).
 
 The tree (defaults in the dataclasses below; `training/configs/*.yaml` are complete examples):
 
@@ -30,6 +34,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from uniref.packing import BudgetMode
+from uniref.training.schedule import Schedule
+from uniref.training.tasks import TaskName
 
 __all__ = [
     "ConfigError",
@@ -52,8 +61,52 @@ class ConfigError(ValueError):
     """A training configuration that cannot run; the message lists every problem found."""
 
 
+# Choices whose implementation lives outside this package's config: the SDE kinds of
+# `uniref.sde_step_with_logprob`, the reward aggregation and advantage normalization of
+# `uniref.group_advantages`, MSGRPO's phase data (`training/msgrpo.py`) and DeepSpeed's ZeRO stages. The
+# reference-budget modes are `uniref.packing`'s, the task names and LR schedules `tasks.py`'s and `schedule.py`'s.
+SdeKind = Literal["sde", "cps"]
+Aggregate = Literal["sum_then_normalize", "normalize_then_sum"]
+AdvStd = Literal["group", "batch"]
+PhaseData = Literal["compose", "edit", "mixed"]
+ZeroStage = Literal[0, 1, 2, 3]
+
+MAX_SEED = 2**32 - 1  # numpy's and most samplers' seed range; every seed of a run derives from this one
+
+
+class _Checks:
+    """Collects every problem of a config, one line each (``key: what is wrong``)."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+
+    def need(self, ok: bool, msg: str) -> None:
+        if not ok:
+            self.errors.append(msg)
+
+    def int_at_least(self, v, key: str, low: int = 1, high: int | None = None) -> None:
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        self.need(ok, f"{key}: must be an int {bound}, got {v!r}")
+
+    def number(self, v, key: str, low: float, high: float = math.inf, strict: bool = False) -> None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+            low < v if strict else low <= v) and v <= high
+        self.need(ok, f"{key}: must be a finite number in {'(' if strict else '['}{low}, {high}], got {v!r}")
+
+    def one_of(self, v, choices, key: str, quote: bool = False) -> None:
+        """``v`` must be one of ``choices`` (a `Literal` alias or a sequence)."""
+        options = typing.get_args(choices) or tuple(choices)
+        names = [repr(c) if quote else str(c) for c in options]
+        listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+        self.need(v in options, f"{key}: must be {listed}, got {v!r}")
+
+    def ref_range(self, v: list, key: str) -> None:
+        self.need(len(v) == 2 and 2 <= v[0] <= v[1] <= 6, f"{key}: must be [min, max] within 2..6, got {v!r}")
+
+
 # --------------------------------------------------------------------------------------------
-# The tree
+# The tree: each section documents its fields and checks them
 # --------------------------------------------------------------------------------------------
 
 
@@ -61,179 +114,363 @@ class ConfigError(ValueError):
 class LoraConfig:
     """Low-rank adapters (peft) on the transformer's attention and MLP projections; the rest is frozen."""
 
-    rank: int = 64
-    alpha: float = 128.0
-    dropout: float = 0.0
+    rank: int = 64  # the adapters' rank r
+    alpha: float = 128.0  # scale numerator: the adapter's output is multiplied by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input, in [0, 1]
+    # names of the transformer's linear layers that get adapters (peft's suffix match)
     target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                 "to_add_out"]
     )
+
+    def check(self, c: _Checks) -> None:
+        c.int_at_least(self.rank, "model.lora.rank")
+        c.number(self.alpha, "model.lora.alpha", 0.0, strict=True)
+        c.number(self.dropout, "model.lora.dropout", 0.0, 1.0)
+        c.need(bool(self.target_modules), "model.lora.target_modules: must name at least one module")
 
 
 @dataclass
 class ModelConfig:
-    """Where the pipeline comes from (exactly one of ``preset``, ``pretrained``, ``qwen_image_edit``).
+    """Where the pipeline comes from (exactly one of ``preset``, ``pretrained``, ``qwen_image_edit``)."""
 
-    ``preset``: a random-weight geometry of `uniref.presets.CONFIGS` (tiny, small, mid) seeded by ``seed``;
-    ``pretrained``: a local `UniRefEditPipeline.save_pretrained` folder, or ``default`` for the shipped model;
-    ``qwen_image_edit``: a local diffusers ``QwenImageEditPlusPipeline`` folder (real-scale runs).
-    ``overrides``: transformer config keys replacing the preset's (e.g. ``num_layers``).
-    ``vae``: a trained `AutoencoderKL` folder (a ``task: vae`` run's ``final``) replacing the preset's VAE.
-    """
-
-    preset: str | None = None
+    preset: str | None = None  # a random-weight geometry of `uniref.presets.CONFIGS` (tiny, small, mid), seeded by seed
+    # a local `UniRefEditPipeline.save_pretrained` folder (safetensors), or ``default`` for the shipped model
     pretrained: str | None = None
-    qwen_image_edit: str | None = None
-    overrides: dict = field(default_factory=dict)
-    vae: str | None = None
-    train_text_encoder: bool = False
-    gradient_checkpointing: bool = False
-    attention_backend: str = "auto"
-    lora: LoraConfig | None = None
+    qwen_image_edit: str | None = None  # a local diffusers ``QwenImageEditPlusPipeline`` folder (real-scale runs)
+    overrides: dict = field(default_factory=dict)  # transformer config keys replacing the preset's (e.g. num_layers)
+    vae: str | None = None  # a trained `AutoencoderKL` folder (a ``task: vae`` run's final) replacing the preset's VAE
+    train_text_encoder: bool = False  # train the text encoder with the transformer (not with LoRA or Qwen2.5-VL)
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    attention_backend: str = "auto"  # a `uniref.varlen_attention` backend, or auto (the fastest available)
+    lora: LoraConfig | None = None  # train LoRA adapters instead of the whole transformer
+
+    def check(self, c: _Checks) -> None:
+        from uniref.ops.attention import BACKENDS
+        from uniref.presets import CONFIGS
+
+        if self.vae is not None:
+            c.need(self.preset is not None, "model.vae: replaces a preset's VAE; a pretrained pipeline keeps its own")
+        if self.preset is not None:
+            c.need(self.preset in CONFIGS, f"model.preset: must be one of {tuple(CONFIGS)}, got {self.preset!r}")
+            if self.preset in CONFIGS:
+                known = set(CONFIGS[self.preset]["transformer"]) | {"zero_cond_t", "rope_scheme"}
+                unknown = sorted(set(self.overrides) - known)
+                c.need(not unknown, f"model.overrides: unknown transformer keys {unknown}; known: {sorted(known)}")
+        if self.overrides and self.preset is None:
+            c.errors.append("model.overrides: only applies to a preset (a pretrained model keeps its saved config)")
+        if self.train_text_encoder and self.qwen_image_edit is not None:
+            c.errors.append("model.train_text_encoder: the Qwen2.5-VL encoder stays frozen; set it to false")
+        if self.lora is not None:
+            self.lora.check(c)
+            if self.train_text_encoder:
+                c.errors.append("model.lora: LoRA trains adapters on the transformer only; set "
+                                "model.train_text_encoder: false")
+        c.need(self.attention_backend in ("auto", *BACKENDS),
+               f"model.attention_backend: must be auto or one of {BACKENDS}")
+
+    def check_files(self, c: _Checks) -> None:
+        """The model folders exist and hold safetensors weights (nothing else is ever loaded)."""
+        if self.pretrained is not None and self.pretrained != "default":
+            _check_pipeline_folder(c, "model.pretrained", Path(self.pretrained),
+                                   "point it at a run's <output>/final or a UniRefEditPipeline.save_pretrained folder")
+        if self.qwen_image_edit is not None:
+            _check_pipeline_folder(c, "model.qwen_image_edit", Path(self.qwen_image_edit),
+                                   "point it at a local diffusers QwenImageEditPlusPipeline folder")
+        if self.vae is not None:
+            folder = Path(self.vae)
+            if not (folder / "config.json").is_file():
+                c.errors.append(f"model.vae: {folder} is not a saved AutoencoderKL folder (no config.json); train one "
+                                "with a `task: vae` config")
+            else:
+                _check_safetensors(c, "model.vae", folder)
+
+    def geometry(self) -> tuple[int, int] | None:
+        """(transformer blocks, hidden width) of the model this section builds, None where unknown."""
+        if self.preset is not None:
+            from uniref.presets import CONFIGS
+
+            t = {**CONFIGS[self.preset]["transformer"], **self.overrides}
+        else:
+            if self.pretrained == "default":
+                from uniref.pipelines.edit import DEFAULT_MODEL_DIR
+
+                folder = DEFAULT_MODEL_DIR
+            else:
+                folder = Path(self.pretrained or self.qwen_image_edit)
+            try:
+                t = json.loads((folder / "transformer" / "config.json").read_text())
+            except (OSError, ValueError):
+                return None
+        try:
+            return int(t["num_layers"]), int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def _check_safetensors(c: _Checks, key: str, folder: Path) -> None:
+    if any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
+        c.errors.append(f"{key}: {folder} holds only .bin weights (pickles, which uniref never loads); save it again "
+                        "with safetensors (save_pretrained(..., safe_serialization=True))")
+
+
+def _check_pipeline_folder(c: _Checks, key: str, folder: Path, fix: str) -> None:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        c.errors.append(f"{key}: {folder} is not a saved pipeline folder (no model_index.json); {fix}")
+        return
+    try:
+        components = [name for name, v in json.loads(index.read_text()).items() if isinstance(v, list)]
+    except ValueError:
+        c.errors.append(f"{key}: {index} is not valid JSON")
+        return
+    for name in components:
+        if (folder / name).is_dir():
+            _check_safetensors(c, key, folder / name)
 
 
 @dataclass
 class DataConfig:
-    """The synthetic world's training stream (`uniref.synthetic.SyntheticEditDataset`, split "train").
-    ``length``: cycle through this many items (a fixed, small set: overfitting checks) instead of an
-    endless stream."""
+    """The synthetic world's training stream (`uniref.synthetic.SyntheticEditDataset`, split "train")."""
 
-    size: int = 64
-    compose_ratio: float = 0.5
-    num_refs: list[int] = field(default_factory=lambda: [2, 6])
-    edit_kinds: list[str] | None = None
+    size: int = 64  # the target's side in pixels (references are planned from their own sizes)
+    compose_ratio: float = 0.5  # fraction of compositions; the rest are single-image edits
+    num_refs: list[int] = field(default_factory=lambda: [2, 6])  # [min, max] references of a composition, in 2..6
+    edit_kinds: list[str] | None = None  # the edit families drawn (None: all of `uniref.synthetic.EDIT_KINDS`)
+    # cycle through this many items (a fixed, small set: overfitting checks) instead of an endless stream
     length: int | None = None
+
+    def check(self, c: _Checks) -> None:
+        from uniref.synthetic import EDIT_KINDS
+
+        c.int_at_least(self.size, "data.size", 32)
+        c.number(self.compose_ratio, "data.compose_ratio", 0.0, 1.0)
+        c.ref_range(self.num_refs, "data.num_refs")
+        if self.length is not None:
+            c.int_at_least(self.length, "data.length")
+        if self.edit_kinds is not None:
+            bad = [k for k in self.edit_kinds if k not in EDIT_KINDS]
+            c.need(bool(self.edit_kinds) and not bad,
+                   f"data.edit_kinds: must be a non-empty subset of {EDIT_KINDS}, got {self.edit_kinds!r}")
 
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup then a cosine (or constant) schedule; gradient-norm clipping."""
 
-    lr: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = 0.05
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    lr: float = 1e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's (beta1, beta2), each in [0, 1)
+    weight_decay: float = 0.05  # AdamW's decoupled weight decay
+    eps: float = 1e-8  # AdamW's denominator epsilon
+    warmup_steps: int = 0  # optimizer steps of linear warmup from lr / warmup_steps to lr
+    schedule: Schedule = "cosine"  # after warmup: cosine decay to min_lr_ratio x lr over the run, or constant
+    min_lr_ratio: float = 0.0  # the cosine's floor, as a fraction of lr
+    grad_clip: float = 1.0  # global gradient-norm clip (0: off)
+
+    def check(self, c: _Checks) -> None:
+        c.number(self.lr, "optim.lr", 0.0, strict=True)
+        c.need(len(self.betas) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in self.betas),
+               f"optim.betas: must be two numbers in [0, 1), got {self.betas!r}")
+        c.number(self.weight_decay, "optim.weight_decay", 0.0)
+        c.number(self.eps, "optim.eps", 0.0, strict=True)
+        c.int_at_least(self.warmup_steps, "optim.warmup_steps", 0)
+        c.one_of(self.schedule, Schedule, "optim.schedule")
+        c.number(self.min_lr_ratio, "optim.min_lr_ratio", 0.0, 1.0)
+        c.number(self.grad_clip, "optim.grad_clip", 0.0)
 
 
 @dataclass
 class DeepSpeedConfig:
-    """How DeepSpeed runs. ``micro_batches_per_step`` is the global number of packed micro-batches per
-    optimizer step: each rank accumulates ``micro_batches_per_step / world_size`` of them, so a run
-    on 1 or N processes sees the same global batch. ``config``: a DeepSpeed JSON used as given instead
-    of the one generated from these keys (its accumulation must match)."""
+    """How DeepSpeed runs."""
 
-    zero_stage: int = 2
-    bf16: bool = False
+    zero_stage: ZeroStage = 2  # ZeRO stage: 0 (plain data parallel) to 3 (parameters sharded too)
+    bf16: bool = False  # bf16 weights and activations (fp32 master weights in the optimizer)
+    # the global number of packed micro-batches per optimizer step: each rank accumulates
+    # micro_batches_per_step / world_size of them, so a run on 1 or N processes sees the same global batch
     micro_batches_per_step: int = 1
+    # a DeepSpeed JSON used as given instead of the one generated from these keys (its accumulation must match)
     config: str | None = None
+
+    def check(self, c: _Checks) -> None:
+        c.one_of(self.zero_stage, ZeroStage, "deepspeed.zero_stage")
+        c.int_at_least(self.micro_batches_per_step, "deepspeed.micro_batches_per_step")
+        if self.config is not None and not Path(self.config).is_file():
+            c.errors.append(f"deepspeed.config: {self.config} is not a file; give a DeepSpeed JSON or remove the key")
 
 
 @dataclass
 class VAEConfig:
     """``task: vae``: a diffusers `AutoencoderKL` trained to reconstruct the world's images (targets and
-    references, resized to ``data.size``): MSE plus ``kl_weight`` x KL. Each block after the first halves
-    the resolution. The export sets ``shift_factor`` / ``scaling_factor`` to the latents' mean and 1/std."""
+    references, resized to ``data.size``): MSE plus ``kl_weight`` x KL. The export sets ``shift_factor`` /
+    ``scaling_factor`` to the latents' mean and 1/std."""
 
+    # channels per resolution level; each level after the first halves the resolution
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    latent_channels: int = 8
-    layers_per_block: int = 1
-    norm_num_groups: int = 8
-    steps: int = 1000
-    batch_size: int = 16
-    kl_weight: float = 1e-6
+    latent_channels: int = 8  # channels of the latent image
+    layers_per_block: int = 1  # resnet layers per level
+    norm_num_groups: int = 8  # GroupNorm groups (divides every block_out_channels entry)
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # images per micro-batch
+    kl_weight: float = 1e-6  # weight of the posterior's KL to N(0, I)
+
+    def check(self, c: _Checks) -> None:
+        c.need(bool(self.block_out_channels) and all(isinstance(ch, int) and ch > 0 and ch % self.norm_num_groups == 0
+                                                     for ch in self.block_out_channels),
+               f"vae.block_out_channels: must be positive multiples of vae.norm_num_groups={self.norm_num_groups}")
+        c.int_at_least(self.latent_channels, "vae.latent_channels")
+        c.int_at_least(self.layers_per_block, "vae.layers_per_block")
+        c.int_at_least(self.steps, "vae.steps")
+        c.int_at_least(self.batch_size, "vae.batch_size")
+        c.number(self.kl_weight, "vae.kl_weight", 0.0)
 
 
 @dataclass
 class StageConfig:
-    """One stage of the progressive schedule: the references' total pixel budget (SELF) and its steps."""
+    """One stage of the progressive schedule."""
 
-    pixel_budget: int = 0
-    steps: int = 0
+    pixel_budget: int = 0  # the references' total pixel area (SELF), or each one's in per_image mode
+    steps: int = 0  # optimizer steps of this stage
 
 
 @dataclass
 class SFTConfig:
     """Flow matching on the target tokens: x_t = (1 - t) x_0 + t eps, target eps - x_0, t logit-normal
-    then shifted as the scheduler shifts it for the sample's target token count.
+    then shifted as the scheduler shifts it for the sample's target token count."""
 
-    ``change_weight`` (>= 0, default 0: off) adds that much loss weight to the target's latent cells whose
-    pixels differ from the first reference's (for samples whose first reference has the target's size:
-    the edited image, or a composition's background), so the loss is not dominated by the unchanged
-    background that is most of every target."""
-
-    stages: list[StageConfig] = field(default_factory=list)
-    token_budget: int = 4096
-    budget_mode: str = "global"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    text_dropout: float = 0.1
+    stages: list[StageConfig] = field(default_factory=list)  # the progressive budgets, run in order
+    token_budget: int = 4096  # image tokens per packed micro-batch (samples fill it; never padded)
+    budget_mode: BudgetMode = "global"  # global: one budget for all references (SELF); per_image: each its own
+    logit_mean: float = 0.0  # the logit-normal timestep distribution's mean
+    logit_std: float = 1.0  # ... and its std
+    text_dropout: float = 0.1  # fraction of prompts emptied (trains the unconditional branch for guidance)
+    # extra loss weight (>= 0; 0: off) on the target's latent cells whose pixels differ from the first
+    # reference's (the edited image, a composition's background), so the unchanged background that is
+    # most of every target does not dominate the loss
     change_weight: float = 0.0
+
+    def check(self, c: _Checks) -> None:
+        c.need(bool(self.stages), "sft.stages: give at least one {pixel_budget, steps} stage")
+        for i, st in enumerate(self.stages):
+            c.int_at_least(st.pixel_budget, f"sft.stages[{i}].pixel_budget", 16 * 16)
+            c.int_at_least(st.steps, f"sft.stages[{i}].steps")
+        c.int_at_least(self.token_budget, "sft.token_budget", 1)
+        c.one_of(self.budget_mode, BudgetMode, "sft.budget_mode")
+        c.number(self.logit_std, "sft.logit_std", 0.0, strict=True)
+        c.number(self.logit_mean, "sft.logit_mean", -math.inf)
+        c.number(self.text_dropout, "sft.text_dropout", 0.0, 1.0)
+        c.number(self.change_weight, "sft.change_weight", 0.0)
 
 
 @dataclass
 class PhaseConfig:
-    """One MSGRPO phase: its data (``compose``, ``edit`` or ``mixed``) and RL steps (paper: compose first)."""
+    """One MSGRPO phase (paper: compositions first, then single-image edits)."""
 
-    data: str = "compose"
-    steps: int = 0
-    num_refs: list[int] | None = None
+    data: PhaseData = "compose"  # compose, edit (single-image edits) or mixed (data.compose_ratio)
+    steps: int = 0  # RL steps of this phase
+    num_refs: list[int] | None = None  # [min, max] references of its compositions (None: data.num_refs)
 
 
 @dataclass
 class MSGRPOConfig:
-    """Flow-GRPO on multi-reference rollouts (see `uniref.grpo`). ``minibatches``: optimizer steps per
-    rollout batch (each on a slice of every rank's rollouts); with more than one, the PPO ratio moves
-    away from 1 and the clip acts."""
+    """Flow-GRPO on multi-reference rollouts (see `uniref.grpo`)."""
 
-    phases: list[PhaseConfig] = field(default_factory=list)
-    prompts_per_step: int = 2
-    group_size: int = 4
-    prompt_pool: int | None = None
-    num_steps: int = 10
-    noise_level: float = 0.7
-    kind: str = "sde"
-    sde_window: list[int] | None = None
-    cfg_scale: float = 1.0
-    pixel_budget: int = 8192
-    budget_mode: str = "global"
-    reward: str = "synthetic"
-    reward_weights: list[float] | None = None
-    aggregate: str = "sum_then_normalize"
-    adv_std: str = "group"
-    adv_clip: float = 5.0
-    clip_range: float = 1e-4
-    kl_beta: float = 0.0
+    phases: list[PhaseConfig] = field(default_factory=list)  # run in order
+    prompts_per_step: int = 2  # tasks per RL step (over all ranks)
+    group_size: int = 4  # rollouts per task (the group its advantages are normalized in)
+    prompt_pool: int | None = None  # draw tasks from a fixed pool of this many (None: an endless stream)
+    num_steps: int = 10  # denoising steps of a rollout
+    noise_level: float = 0.7  # the SDE's noise scale (cps: must stay below 0.99)
+    kind: SdeKind = "sde"  # sde (Flow-GRPO) or cps (coefficients-preserving sampling)
+    sde_window: list[int] | None = None  # [start, stop) of the SDE steps that record log-probs (None: all but the last)
+    cfg_scale: float = 1.0  # classifier-free guidance of the rollouts (1: off)
+    pixel_budget: int = 8192  # the references' pixel budget of the rollouts
+    budget_mode: BudgetMode = "global"  # as sft.budget_mode
+    reward: str = "synthetic"  # synthetic (the world's three rewards) or module:function returning (N, S) rewards
+    reward_weights: list[float] | None = None  # one weight per reward source (None: the reward's own)
+    aggregate: Aggregate = "sum_then_normalize"  # weighted sum then group-normalize, or the reverse
+    adv_std: AdvStd = "group"  # normalize advantages by each group's std or the whole batch's
+    adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip]
+    clip_range: float = 1e-4  # the PPO ratio's clip
+    kl_beta: float = 0.0  # weight of the KL to the starting model (0: off; with LoRA: adapters off)
+    # optimizer steps per rollout batch (each on a slice of every rank's rollouts); with more than one the
+    # PPO ratio moves away from 1 and the clip acts
     minibatches: int = 1
+
+    def check(self, c: _Checks) -> None:
+        c.need(bool(self.phases), "msgrpo.phases: give at least one {data, steps} phase (paper: compose, then edit)")
+        for i, ph in enumerate(self.phases):
+            c.one_of(ph.data, PhaseData, f"msgrpo.phases[{i}].data")
+            c.int_at_least(ph.steps, f"msgrpo.phases[{i}].steps")
+            if ph.num_refs is not None:
+                c.ref_range(ph.num_refs, f"msgrpo.phases[{i}].num_refs")
+        c.int_at_least(self.prompts_per_step, "msgrpo.prompts_per_step")
+        c.int_at_least(self.group_size, "msgrpo.group_size", 2)
+        if self.prompt_pool is not None:
+            c.int_at_least(self.prompt_pool, "msgrpo.prompt_pool")
+        c.int_at_least(self.num_steps, "msgrpo.num_steps", 2)
+        c.number(self.noise_level, "msgrpo.noise_level", 0.0, strict=True)
+        c.one_of(self.kind, SdeKind, "msgrpo.kind")
+        if self.kind == "cps":
+            c.number(self.noise_level, "msgrpo.noise_level (cps: sin(a pi / 2) must stay below 1)", 0.0, 0.99,
+                     strict=True)
+        if self.sde_window is not None:
+            w = self.sde_window
+            c.need(len(w) == 2 and 0 <= w[0] < w[1] <= self.num_steps,
+                   f"msgrpo.sde_window: must be [start, stop) with 0 <= start < stop <= num_steps, got {w!r}")
+        c.number(self.cfg_scale, "msgrpo.cfg_scale", 1.0)
+        c.int_at_least(self.pixel_budget, "msgrpo.pixel_budget", 16 * 16)
+        c.one_of(self.budget_mode, BudgetMode, "msgrpo.budget_mode")
+        c.need(self.reward == "synthetic" or ":" in self.reward,
+               f"msgrpo.reward: must be 'synthetic' or 'module:function' returning (N, S) rewards, got {self.reward!r}")
+        if self.reward_weights is not None:
+            c.need(bool(self.reward_weights) and all(math.isfinite(w) for w in self.reward_weights),
+                   "msgrpo.reward_weights: must be a non-empty list of finite numbers")
+        c.one_of(self.aggregate, Aggregate, "msgrpo.aggregate")
+        c.one_of(self.adv_std, AdvStd, "msgrpo.adv_std")
+        c.number(self.adv_clip, "msgrpo.adv_clip", 0.0, strict=True)
+        c.number(self.clip_range, "msgrpo.clip_range", 0.0)
+        c.number(self.kl_beta, "msgrpo.kl_beta", 0.0)
+        c.int_at_least(self.minibatches, "msgrpo.minibatches")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 100
-    keep_last: int = 3
+    """When checkpoints are written (see `uniref.training.checkpoint`)."""
+
+    every: int = 100  # optimizer steps between checkpoints (the last step always gets one)
+    keep_last: int = 3  # complete checkpoints kept; older ones are removed
+
+    def check(self, c: _Checks) -> None:
+        c.int_at_least(self.every, "checkpoint.every")
+        c.int_at_least(self.keep_last, "checkpoint.keep_last")
 
 
 @dataclass
 class LogConfig:
-    every: int = 1
-    plot: bool = True
-    progress: bool = True
+    """What a run reports."""
+
+    every: int = 1  # steps between metrics.jsonl lines (the last step always gets one)
+    plot: bool = True  # write curves.png at the end
+    progress: bool = True  # a progress bar on rank 0
+
+    def check(self, c: _Checks) -> None:
+        c.int_at_least(self.every, "log.every")
 
 
 @dataclass
 class TrainConfig:
-    task: str = "sft"
-    seed: int = 0
-    output: str = "runs/default"
+    """A whole training job; `load_config` reads and checks it."""
+
+    task: TaskName = "sft"  # vae (an autoencoder), sft (supervised flow matching) or msgrpo (RL)
+    seed: int = 0  # every random draw of the run derives from it (with the step and the sample)
+    output: str = "runs/default"  # the run folder (see `uniref.training.rundir`)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    vae: VAEConfig = field(default_factory=VAEConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    msgrpo: MSGRPOConfig = field(default_factory=MSGRPOConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)  # read by task vae only
+    sft: SFTConfig = field(default_factory=SFTConfig)  # read by task sft only
+    msgrpo: MSGRPOConfig = field(default_factory=MSGRPOConfig)  # read by task msgrpo only
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -249,16 +486,153 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check(self, errors: list[str]) -> None:
+        """Appends every problem of the config to ``errors``: each section's own, then the rules that join
+        sections (the task's model and the sections it reads)."""
+        c = _Checks(errors)
+        c.one_of(self.task, TaskName, "task", quote=True)
+        c.int_at_least(self.seed, "seed", 0, MAX_SEED)
+        c.need(isinstance(self.output, str) and bool(self.output), "output: must be a non-empty path")
+        m = self.model
+        sources = [k for k in ("preset", "pretrained", "qwen_image_edit") if getattr(m, k) is not None]
+        if self.task == "vae":
+            c.need(not sources,
+                   f"model: a vae task trains its own autoencoder (the vae section); remove model.{sources}")
+        else:
+            c.need(len(sources) == 1,
+                   f"model: give exactly one of preset, pretrained, qwen_image_edit (got {sources or 'none'})")
+        m.check(c)
+        self.data.check(c)
+        self.optim.check(c)
+        self.deepspeed.check(c)
+        if self.task == "vae":
+            self.vae.check(c)
+        elif self.task == "sft":
+            self.sft.check(c)
+            s, d = self.sft, self.data
+            if m.qwen_image_edit is None and isinstance(s.token_budget, int) and isinstance(d.size, int):
+                one_target = (d.size // 16) ** 2
+                c.need(s.token_budget >= 2 * one_target,
+                       f"sft.token_budget: {s.token_budget} image tokens cannot hold one sample (a {d.size}px target "
+                       f"alone is {one_target} tokens, plus references); raise it to at least {4 * one_target}")
+        elif self.task == "msgrpo":
+            self.msgrpo.check(c)
+            if self.deepspeed.micro_batches_per_step != 1:
+                c.errors.append(
+                    "deepspeed.micro_batches_per_step: MSGRPO accumulates over the trained timesteps of each rollout "
+                    "batch by itself; leave it at 1"
+                )
+        self.checkpoint.check(c)
+        self.log.check(c)
+
+    def check_environment(self) -> None:
+        """The checks that depend on this machine, run where the job starts (a config may name folders of
+        another machine): the model folders exist and hold safetensors, and ``sft.token_budget`` fits this
+        machine's memory for this model.
+
+        Raises:
+            ConfigError: listing every problem.
+        """
+        errors: list[str] = []
+        c = _Checks(errors)
+        self.model.check_files(c)
+        if self.task == "sft" and not errors:
+            limit, why = _token_limit(self.model, self.deepspeed.bf16)
+            if limit is not None:
+                c.need(self.sft.token_budget <= limit,
+                       f"sft.token_budget: {self.sft.token_budget} tokens is over this machine's limit of {limit} for "
+                       f"this model ({why}); lower it")
+        if errors:
+            sep = "\n  " if len(errors) > 1 else " "
+            raise ConfigError("invalid training config:" + sep + sep.join(errors))
+
+
+def _token_limit(model: ModelConfig, bf16: bool) -> tuple[int | None, str]:
+    """The most image tokens a micro-batch of ``model`` can hold here, and how that was derived: the
+    backward pass keeps at least every block's input (blocks x width values per token), and all of it
+    must fit this machine's memory (the GPU's, or the RAM without one)."""
+    import os
+
+    import torch
+
+    geometry = model.geometry()
+    if geometry is None:
+        return None, ""
+    layers, width = geometry
+    if torch.cuda.is_available():  # this rank's GPU, by index: no CUDA context is created here
+        device = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        memory, where = torch.cuda.get_device_properties(device).total_memory, "GPU memory"
+    else:
+        memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+    per_token = layers * width * (2 if bf16 else 4)
+    return memory // per_token, (f"{layers} blocks x {width} values x {2 if bf16 else 4} bytes kept per token "
+                                 f"for the backward pass, {memory / 2**30:.0f} GiB of {where}")
+
 
 # --------------------------------------------------------------------------------------------
 # Reading: YAML -> dict -> overrides -> dataclasses (typed), then the semantic checks
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_value(text: str):
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+def _yaml_loader():
+    """A `yaml.SafeLoader` for configs: plain scalars, lists and mappings only.
+
+    Aliases are refused (``*name`` expands without bound: a few lines can ask for billions of values) and
+    so are more than `MAX_YAML_NODES` nodes; ``!!binary``, ``!!set``, ``!!omap``, ``!!pairs`` and
+    ``!!timestamp`` values are not config values, and unquoted dates stay strings (then fail the type of
+    their key, or are read as the path or name they were meant to be).
+    """
     import yaml
 
-    return yaml.safe_load(text) if text.strip() else ""
+    class ConfigLoader(yaml.SafeLoader):
+        nodes = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config; write the "
+                                                  "value out", self.peek_event().start_mark)
+            self.nodes += 1
+            if self.nodes > MAX_YAML_NODES:
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_NODES} values",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+
+    def refuse(loader, node):
+        raise yaml.constructor.ConstructorError(None, None, f"{node.tag.split(':')[-1]} values are not config values",
+                                                node.start_mark)
+
+    ConfigLoader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    for tag in ("binary", "set", "omap", "pairs", "timestamp"):
+        ConfigLoader.add_constructor(f"tag:yaml.org,2002:{tag}", refuse)
+    return ConfigLoader
+
+
+def _read_yaml(text: str, where: str):
+    """``text`` parsed by `_yaml_loader`.
+
+    Raises:
+        ConfigError: one line: ``where``, the line and column, and the problem.
+    """
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({at}{problem})") from None
+
+
+def _parse_value(text: str, item: str):
+    return _read_yaml(text, f"override {item!r}") if text.strip() else ""
 
 
 def _apply_override(tree: dict, item: str, errors: list[str]) -> None:
@@ -276,7 +650,10 @@ def _apply_override(tree: dict, item: str, errors: list[str]) -> None:
             errors.append(f"override {item!r}: {p} is not a section")
             return
         node = nxt
-    node[parts[-1]] = _parse_value(value)
+    try:
+        node[parts[-1]] = _parse_value(value, item)
+    except ConfigError as exc:
+        errors.append(str(exc))
 
 
 def _type_name(tp) -> str:
@@ -286,6 +663,8 @@ def _type_name(tp) -> str:
 def _convert(value, tp, where: str, errors: list[str]):
     """`value` as type `tp` (dataclass, list[...], X | None, int, float, bool, str, dict), else an error."""
     origin = typing.get_origin(tp)
+    if origin is Literal:  # the type of its choices here; the section's check names the choices
+        return _convert(value, type(typing.get_args(tp)[0]), where, errors)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -347,182 +726,41 @@ def _build(cls, values: dict, where: str, errors: list[str]):
     return cls(**kwargs)
 
 
-def _check(cfg: TrainConfig, errors: list[str]) -> None:
-    """The semantic rules: ranges, choices and combinations."""
-    from uniref.synthetic import EDIT_KINDS
-    from uniref.presets import CONFIGS
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            errors.append(msg)
-
-    def positive_int(v, key: str, low: int = 1) -> None:
-        need(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"{key}: must be an int >= {low}, got {v!r}")
-
-    def number(v, key: str, low: float, high: float = math.inf, strict: bool = False) -> None:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
-            low < v if strict else low <= v) and v <= high
-        need(ok, f"{key}: must be a finite number in {'(' if strict else '['}{low}, {high}], got {v!r}")
-
-    need(cfg.task in ("vae", "sft", "msgrpo"), f"task: must be 'vae', 'sft' or 'msgrpo', got {cfg.task!r}")
-    positive_int(cfg.seed, "seed", 0)
-    need(isinstance(cfg.output, str) and bool(cfg.output), "output: must be a non-empty path")
-
-    m = cfg.model
-    sources = [k for k in ("preset", "pretrained", "qwen_image_edit") if getattr(m, k) is not None]
-    if cfg.task == "vae":
-        need(not sources, f"model: a vae task trains its own autoencoder (the vae section); remove model.{sources}")
-    else:
-        need(len(sources) == 1, f"model: give exactly one of preset, pretrained, qwen_image_edit (got {sources or 'none'})")
-    if m.vae is not None:
-        need(m.preset is not None, "model.vae: replaces a preset's VAE; a pretrained pipeline keeps its own")
-    if m.preset is not None:
-        need(m.preset in CONFIGS, f"model.preset: must be one of {tuple(CONFIGS)}, got {m.preset!r}")
-    if m.overrides and m.preset is None:
-        errors.append("model.overrides: only applies to a preset (a pretrained model keeps its saved config)")
-    if m.train_text_encoder and m.qwen_image_edit is not None:
-        errors.append("model.train_text_encoder: the Qwen2.5-VL encoder stays frozen; set it to false")
-    if m.lora is not None:
-        positive_int(m.lora.rank, "model.lora.rank")
-        number(m.lora.alpha, "model.lora.alpha", 0.0, strict=True)
-        number(m.lora.dropout, "model.lora.dropout", 0.0, 1.0)
-        need(bool(m.lora.target_modules), "model.lora.target_modules: must name at least one module")
-        if m.train_text_encoder:
-            errors.append("model.lora: LoRA trains adapters on the transformer only; set model.train_text_encoder: false")
-    from uniref.ops.attention import BACKENDS
-
-    need(m.attention_backend in ("auto", *BACKENDS), f"model.attention_backend: must be auto or one of {BACKENDS}")
-
-    d = cfg.data
-    positive_int(d.size, "data.size", 32)
-    number(d.compose_ratio, "data.compose_ratio", 0.0, 1.0)
-    need(len(d.num_refs) == 2 and 2 <= d.num_refs[0] <= d.num_refs[1] <= 6,
-         f"data.num_refs: must be [min, max] within 2..6, got {d.num_refs!r}")
-    if d.length is not None:
-        positive_int(d.length, "data.length")
-    if d.edit_kinds is not None:
-        bad = [k for k in d.edit_kinds if k not in EDIT_KINDS]
-        need(bool(d.edit_kinds) and not bad, f"data.edit_kinds: must be a non-empty subset of {EDIT_KINDS}, got {d.edit_kinds!r}")
-
-    o = cfg.optim
-    number(o.lr, "optim.lr", 0.0, strict=True)
-    need(len(o.betas) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in o.betas),
-         f"optim.betas: must be two numbers in [0, 1), got {o.betas!r}")
-    number(o.weight_decay, "optim.weight_decay", 0.0)
-    number(o.eps, "optim.eps", 0.0, strict=True)
-    positive_int(o.warmup_steps, "optim.warmup_steps", 0)
-    need(o.schedule in ("cosine", "constant"), f"optim.schedule: must be cosine or constant, got {o.schedule!r}")
-    number(o.min_lr_ratio, "optim.min_lr_ratio", 0.0, 1.0)
-    number(o.grad_clip, "optim.grad_clip", 0.0)
-
-    ds = cfg.deepspeed
-    need(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {ds.zero_stage!r}")
-    positive_int(ds.micro_batches_per_step, "deepspeed.micro_batches_per_step")
-    if ds.config is not None and not Path(ds.config).is_file():
-        errors.append(f"deepspeed.config: {ds.config} is not a file; give a DeepSpeed JSON or remove the key")
-
-    if cfg.task == "vae":
-        v = cfg.vae
-        need(bool(v.block_out_channels) and all(isinstance(c, int) and c > 0 and c % v.norm_num_groups == 0
-                                                for c in v.block_out_channels),
-             f"vae.block_out_channels: must be positive multiples of vae.norm_num_groups={v.norm_num_groups}")
-        positive_int(v.latent_channels, "vae.latent_channels")
-        positive_int(v.layers_per_block, "vae.layers_per_block")
-        positive_int(v.steps, "vae.steps")
-        positive_int(v.batch_size, "vae.batch_size")
-        number(v.kl_weight, "vae.kl_weight", 0.0)
-    elif cfg.task == "sft":
-        s = cfg.sft
-        need(bool(s.stages), "sft.stages: give at least one {pixel_budget, steps} stage")
-        for i, st in enumerate(s.stages):
-            positive_int(st.pixel_budget, f"sft.stages[{i}].pixel_budget", 16 * 16)
-            positive_int(st.steps, f"sft.stages[{i}].steps")
-        positive_int(s.token_budget, "sft.token_budget", 1)
-        need(s.budget_mode in ("global", "per_image"), f"sft.budget_mode: must be global or per_image, got {s.budget_mode!r}")
-        number(s.logit_std, "sft.logit_std", 0.0, strict=True)
-        number(s.logit_mean, "sft.logit_mean", -math.inf)
-        number(s.text_dropout, "sft.text_dropout", 0.0, 1.0)
-        number(s.change_weight, "sft.change_weight", 0.0)
-        if m.qwen_image_edit is None and isinstance(s.token_budget, int) and isinstance(d.size, int):
-            one_target = (d.size // 16) ** 2
-            need(s.token_budget >= 2 * one_target,
-                 f"sft.token_budget: {s.token_budget} image tokens cannot hold one sample (a {d.size}px target alone "
-                 f"is {one_target} tokens, plus references); raise it to at least {4 * one_target}")
-    else:
-        r = cfg.msgrpo
-        need(bool(r.phases), "msgrpo.phases: give at least one {data, steps} phase (paper: compose, then edit)")
-        for i, ph in enumerate(r.phases):
-            need(ph.data in ("compose", "edit", "mixed"), f"msgrpo.phases[{i}].data: must be compose, edit or mixed")
-            positive_int(ph.steps, f"msgrpo.phases[{i}].steps")
-            if ph.num_refs is not None:
-                need(len(ph.num_refs) == 2 and 2 <= ph.num_refs[0] <= ph.num_refs[1] <= 6,
-                     f"msgrpo.phases[{i}].num_refs: must be [min, max] within 2..6")
-        positive_int(r.prompts_per_step, "msgrpo.prompts_per_step")
-        positive_int(r.group_size, "msgrpo.group_size", 2)
-        if r.prompt_pool is not None:
-            positive_int(r.prompt_pool, "msgrpo.prompt_pool")
-        positive_int(r.num_steps, "msgrpo.num_steps", 2)
-        number(r.noise_level, "msgrpo.noise_level", 0.0, strict=True)
-        need(r.kind in ("sde", "cps"), f"msgrpo.kind: must be sde or cps, got {r.kind!r}")
-        if r.kind == "cps":
-            number(r.noise_level, "msgrpo.noise_level (cps: sin(a pi / 2) must stay below 1)", 0.0, 0.99, strict=True)
-        if r.sde_window is not None:
-            ok = len(r.sde_window) == 2 and 0 <= r.sde_window[0] < r.sde_window[1] <= r.num_steps
-            need(ok, f"msgrpo.sde_window: must be [start, stop) with 0 <= start < stop <= num_steps, got {r.sde_window!r}")
-        number(r.cfg_scale, "msgrpo.cfg_scale", 1.0)
-        positive_int(r.pixel_budget, "msgrpo.pixel_budget", 16 * 16)
-        need(r.budget_mode in ("global", "per_image"), "msgrpo.budget_mode: must be global or per_image")
-        need(r.reward == "synthetic" or ":" in r.reward,
-             f"msgrpo.reward: must be 'synthetic' or 'module:function' returning (N, S) rewards, got {r.reward!r}")
-        if r.reward_weights is not None:
-            need(bool(r.reward_weights) and all(math.isfinite(w) for w in r.reward_weights),
-                 "msgrpo.reward_weights: must be a non-empty list of finite numbers")
-        need(r.aggregate in ("sum_then_normalize", "normalize_then_sum"),
-             "msgrpo.aggregate: must be sum_then_normalize or normalize_then_sum")
-        need(r.adv_std in ("group", "batch"), "msgrpo.adv_std: must be group or batch")
-        number(r.adv_clip, "msgrpo.adv_clip", 0.0, strict=True)
-        number(r.clip_range, "msgrpo.clip_range", 0.0)
-        number(r.kl_beta, "msgrpo.kl_beta", 0.0)
-        positive_int(r.minibatches, "msgrpo.minibatches")
-        if ds.micro_batches_per_step != 1:
-            errors.append(
-                "deepspeed.micro_batches_per_step: MSGRPO accumulates over the trained timesteps of each rollout "
-                "batch by itself; leave it at 1"
-            )
-
-    positive_int(cfg.checkpoint.every, "checkpoint.every")
-    positive_int(cfg.checkpoint.keep_last, "checkpoint.keep_last")
-    positive_int(cfg.log.every, "log.every")
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> TrainConfig:
-    """Reads a YAML config (or ``base``), applies ``key=value`` overrides (values in YAML syntax) and validates.
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> TrainConfig:
+    """Reads a YAML config (or ``base``), applies ``key=value`` overrides (values in YAML syntax) and validates
+    it (`TrainConfig.check`; the folders it names are checked where the job starts, by
+    `TrainConfig.check_environment`).
 
     Raises:
         ConfigError: listing every problem, each with its dotted key.
     """
-    import yaml
-
     errors: list[str] = []
     tree: dict = dict(base or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file (shipped configs: training/configs/*.yaml)")
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"--config {path}: {path.stat().st_size} bytes; a config is at most {MAX_YAML_BYTES}")
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path}: not valid YAML ({exc})") from exc
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config {path}: not UTF-8 text") from None
+        loaded = _read_yaml(text, f"--config {path}")
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"--config {path}: the top level must be a mapping of sections, got {type(loaded).__name__}"
+            )
         tree.update(loaded or {})
     tree = json.loads(json.dumps(tree))  # a deep copy that the overrides may change
     for item in overrides:
         _apply_override(tree, item, errors)
     cfg = _build(TrainConfig, tree, "", errors)
     if not errors:
-        _check(cfg, errors)
+        cfg.check(errors)
     if errors:
         where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"invalid training config{where}:\n  " + "\n  ".join(errors))
+        sep = "\n  " if len(errors) > 1 else " "
+        raise ConfigError(f"invalid training config{where}:{sep}" + sep.join(errors))
     return cfg

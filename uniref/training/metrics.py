@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 __all__ = ["MetricsLog", "plot_curves", "read_metrics"]
@@ -17,16 +18,40 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _complete_rows(path: Path) -> tuple[list[dict], int]:
+    """The rows of ``path`` up to its last complete line, and how many bytes follow them (a line torn by a
+    kill or a full disk, or anything unreadable after it)."""
+    raw = path.read_bytes() if path.is_file() else b""
+    rows, good = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            break
+        if row is not None:
+            rows.append(row)
+        good += len(line)
+    return rows, len(raw) - good
+
+
 class MetricsLog:
     """Appends metrics as JSON lines (rank 0 only). On resume, lines past the checkpoint's step -- logged
-    by the interrupted run after its last checkpoint -- are dropped, so the log reads like one run."""
+    by the interrupted run after its last checkpoint -- are dropped, so the log reads like one run, and a
+    torn last line is cut back to the last complete one (with a warning)."""
 
     def __init__(self, path: str | Path, enabled: bool = True, resume_step: int = 0):
         self.path, self.enabled = Path(path), enabled
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [m for m in read_metrics(self.path) if m.get("step", 0) <= resume_step] if resume_step else []
+        kept = []
+        if resume_step:
+            rows, torn = _complete_rows(self.path)
+            if torn:
+                self.warn(f"{self.path}: cut {torn} bytes after the last complete line (a torn write)")
+            kept = [m for m in rows if m.get("step", 0) <= resume_step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
         os.replace(tmp, self.path)
@@ -39,6 +64,10 @@ class MetricsLog:
     def info(self, message: str) -> None:
         if self.enabled:
             print(f"[uniref.training] {message}", flush=True)
+
+    def warn(self, message: str) -> None:
+        if self.enabled:
+            print(f"[uniref.training] warning: {message}", file=sys.stderr, flush=True)
 
 
 def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path | None:

@@ -1,14 +1,11 @@
-"""The training loop behind ``training/run.py``: DeepSpeed setup, SFT stages or MSGRPO phases,
-checkpoints, metrics, the exported pipeline."""
+"""The training loop behind ``training/run.py``: processes and DeepSpeed, the run folder, resume,
+checkpoints and metrics. What each task builds, does per step and exports is its task object's
+(`uniref.training.tasks`)."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
-import math
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -16,11 +13,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from uniref.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from uniref.training.collective import all_finite
+from uniref.training.checkpoint import (CheckpointError, check_resumable, find_checkpoint, load_checkpoint,
+                                        save_checkpoint)
+from uniref.training.collective import broadcast_text
 from uniref.training.config import ConfigError, TrainConfig
 from uniref.training.metrics import MetricsLog, plot_curves
-from uniref.training.modules import EditModel, adapters_disabled, build_pipeline, merged_pipeline
+from uniref.training.rundir import RunFolderError, prepare_output
+from uniref.training.schedule import lr_lambda
+from uniref.training.tasks import task_for
 
 __all__ = ["deepspeed_config", "lr_lambda", "train"]
 
@@ -72,23 +72,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 def accumulation_steps(cfg: TrainConfig, world: int) -> int:
     """Micro-batches each rank accumulates per optimizer step."""
-    if cfg.task == "msgrpo":
-        from uniref.training.msgrpo import window
-
-        rollouts = cfg.msgrpo.prompts_per_step * cfg.msgrpo.group_size
-        if rollouts % (world * cfg.msgrpo.minibatches):
-            raise ConfigError(
-                f"msgrpo.prompts_per_step x group_size = {rollouts} rollouts do not split evenly over {world} "
-                f"processes x msgrpo.minibatches={cfg.msgrpo.minibatches}; make it a multiple of their product"
-            )
-        return len(window(cfg.msgrpo))
-    m = cfg.deepspeed.micro_batches_per_step
-    if m % world:
-        raise ConfigError(
-            f"deepspeed.micro_batches_per_step={m} does not divide among {world} processes; make it a multiple of "
-            f"{world} (each process accumulates micro_batches_per_step / world_size micro-batches)"
-        )
-    return m // world
+    return task_for(cfg).accumulation_steps(world)
 
 
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
@@ -118,20 +102,6 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     }
 
 
-def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float):
-    """LR multiplier at an optimizer step: linear warmup, then cosine to ``min_ratio`` (or constant)."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
 def optimizer_lr(engine) -> float:
     """The learning rate the coming optimizer step uses."""
     return float(engine.optimizer.param_groups[0]["lr"])
@@ -142,173 +112,88 @@ def optimizer_lr(engine) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _stage_at(stages, step: int) -> int:
-    for i, st in enumerate(stages):
-        if step < st.steps:
-            return i
-        step -= st.steps
-    return len(stages) - 1
+def _open_run(cfg: TrainConfig, resume: str | None, overwrite: bool, rank: int):
+    """Rank 0 locks the run folder, checks it and picks the checkpoint; every rank learns the outcome.
+
+    Returns the held lock (rank 0; None elsewhere), the checkpoint to resume from (or None), a string the
+    same on every rank and unique to this run (temporary names) and the notes to print.
+    """
+    lock, outcome, failure = None, {}, None
+    if rank == 0:
+        try:
+            lock, warning = prepare_output(cfg.output, resume, overwrite)
+            notes = [warning] if warning else []
+            skipped: list[str] = []
+            checkpoint = find_checkpoint(resume, cfg.output, skipped) if resume else None
+            notes += [f"--resume auto: skipped checkpoint {line}" for line in skipped]
+            if checkpoint is not None:
+                check_resumable(checkpoint, cfg.to_dict(), cfg.total_steps)
+            elif resume == "auto":
+                notes.append(f"--resume auto: no complete checkpoint in {cfg.output}; starting at step 0")
+            outcome = {"checkpoint": str(checkpoint) if checkpoint else None, "notes": notes,
+                       "tag": f"{os.getpid()}-{time.time_ns()}"}
+        except Exception as exc:  # whatever it is, the other ranks must hear of it rather than wait
+            if lock is not None:
+                lock.release()
+            failure, outcome = exc, {"error": str(exc), "kind": type(exc).__name__}
+    outcome = json.loads(broadcast_text(json.dumps(outcome)))
+    if failure is not None:
+        raise failure
+    if "error" in outcome:
+        raise (CheckpointError if outcome["kind"] == "CheckpointError" else RunFolderError)(outcome["error"])
+    checkpoint = Path(outcome["checkpoint"]) if outcome["checkpoint"] else None
+    return lock, checkpoint, outcome["tag"], outcome["notes"]
 
 
-def _sft_step(engine, pipe, cfg: TrainConfig, state: dict, rank: int, world: int, gas: int) -> dict:
-    from uniref.training.data import make_dataset, plan_micro_batches
-    from uniref.training.sft import sft_loss
+def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Runs a whole training job; returns the output folder. Every rank calls it.
 
-    step = state["step"]
-    stage = _stage_at(cfg.sft.stages, step)
-    budget = cfg.sft.stages[stage].pixel_budget
-    dataset = make_dataset(cfg.data, cfg.seed)
-    batches, cursor = plan_micro_batches(
-        dataset, state["cursor"], gas * world, budget, cfg.sft.budget_mode, cfg.sft.token_budget,
-        multiple=pipe.vae_scale_factor * pipe.patch_size,
-    )
-    mine = batches[rank::world]
-    losses, tokens, samples = [], 0, 0
-    for mb in mine:
-        loss, st = sft_loss(engine, pipe, mb, cfg.sft, cfg.seed, step)
-        if not all_finite(loss.detach()):
-            raise FloatingPointError(
-                f"non-finite SFT loss at step {step} (stage {stage}, budget {budget}); the run stops here and the "
-                "last checkpoint is intact: lower optim.lr or check the data"
-            )
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.detach())
-        tokens += st["tokens"]
-        samples += st["samples"]
-    state.update(cursor=cursor, stage=stage)
-    local = torch.tensor([float(torch.stack(losses).mean()), tokens, samples], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(local)
-    return {"loss": float(local[0]) / world, "tokens": int(local[1]), "samples": int(local[2]),
-            "stage": stage, "pixel_budget": budget}
-
-
-def _vae_step(engine, cfg: TrainConfig, state: dict, rank: int, world: int, gas: int, device) -> dict:
-    from uniref.training.data import make_dataset
-    from uniref.training.vae import vae_images, vae_loss
-
-    step, per = state["step"], cfg.vae.batch_size
-    x, cursor = vae_images(make_dataset(cfg.data, cfg.seed), state["cursor"], per * gas * world, cfg.data.size)
-    sums = torch.zeros(3, dtype=torch.float64)
-    for position in range(rank, gas * world, world):
-        loss, st = vae_loss(engine, x[position * per:(position + 1) * per].to(device), cfg.seed, step, position,
-                            cfg.vae.kl_weight)
-        if not all_finite(loss.detach()):
-            raise FloatingPointError(
-                f"non-finite VAE loss at step {step}; the run stops here and the last checkpoint is intact: lower optim.lr"
-            )
-        engine.backward(loss)
-        engine.step()
-        sums += torch.tensor([float(loss.detach()), float(st["mse"]), float(st["kl"])], dtype=torch.float64)
-    state["cursor"] = cursor
-    if world > 1:
-        dist.all_reduce(sums)
-    loss, mse, kl = (sums / (gas * world)).tolist()
-    return {"loss": loss, "mse": mse, "kl": kl, "samples": per * gas * world}
-
-
-def _msgrpo_step(engine, pipe, cfg: TrainConfig, state: dict, rank: int, world: int, reward, ref) -> dict:
-    from uniref.training.msgrpo import phase_at, rollout, rollout_tasks, score_rollout, train_on_rollout
-
-    step = state["step"]
-    tasks = rollout_tasks(cfg.msgrpo, cfg.data, cfg.seed, step)
-    ro = rollout(engine, pipe, tasks, cfg.msgrpo, cfg.seed, step, rank, world)
-    scores = score_rollout(ro, reward, cfg.msgrpo)
-    ref_model, adapters_off = ref
-    train = train_on_rollout(engine, ro, cfg.msgrpo, ref_model=ref_model, adapters_off=adapters_off)
-    state["rl_step"] = step + 1
-    return {**scores, **train, "phase": phase_at(cfg.msgrpo, step).data}
-
-
-def _export(engine, pipe, cfg: TrainConfig, out: Path, rank: int) -> Path:
-    import deepspeed
-
-    final = out / "final"
-    if cfg.task == "vae":
-        from uniref.training.data import make_dataset
-        from uniref.training.vae import latent_stats, vae_images
-
-        if rank == 0:
-            vae = copy.deepcopy(engine.module.vae).float().eval()
-            x, _ = vae_images(make_dataset(cfg.data, cfg.seed + 1), 0, 256, cfg.data.size)
-            mean, std = latent_stats(vae, x)
-            vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
-            _save_atomically(vae, final)
-        return final
-    params = list(engine.module.parameters())
-    # ZeRO-3 holds each parameter in shards: gather them (all ranks) before rank 0 writes the whole model
-    gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-              if cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext())
-    with gather:
-        if rank == 0:
-            # the budget it was trained with becomes the pipeline's default (a per-image budget is not one)
-            phase = cfg.sft if cfg.task == "sft" else cfg.msgrpo
-            budget = cfg.sft.stages[-1].pixel_budget if cfg.task == "sft" else cfg.msgrpo.pixel_budget
-            _save_atomically(merged_pipeline(pipe, engine.module, budget if phase.budget_mode == "global" else None), final)
-    return final
-
-
-def _save_atomically(model, final: Path) -> None:
-    """``model.save_pretrained`` into a temporary folder, then renamed over ``final``."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
-def train(cfg: TrainConfig, resume: str | None = None) -> Path:
-    """Runs a whole training job; returns the output folder. Every rank calls it."""
-    import deepspeed
-
+    ``resume``: ``"auto"`` or a checkpoint folder; ``overwrite``: replace the run already in ``cfg.output``
+    (without either, a folder that holds a run is refused).
+    """
+    cfg.check_environment()
     rank, world, device = setup_distributed()
-    out = Path(cfg.output)
     gas = accumulation_steps(cfg, world)
     ds_config = deepspeed_config(cfg, world)
+    lock, checkpoint, tag, notes = _open_run(cfg, resume, overwrite, rank)
+    try:
+        return _train(cfg, rank, world, device, gas, ds_config, checkpoint, tag, notes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device, gas: int, ds_config: dict, checkpoint: Path | None,
+           tag: str, notes: list[str]) -> Path:
+    import deepspeed
+
+    out = Path(cfg.output)
+    task = task_for(cfg)
     torch.manual_seed(cfg.seed)
-    reward = None
-    if cfg.task == "msgrpo":
-        from uniref.training.msgrpo import load_reward
-
-        reward = load_reward(cfg.msgrpo.reward)
-
-    if cfg.task == "vae":
-        from uniref.training.vae import VAEModel, build_vae
-
-        pipe = None
-        model = VAEModel(build_vae(cfg.vae, cfg.seed).to(device).train())
-    else:
-        pipe = build_pipeline(cfg.model, cfg.seed).to(device)
-        model = EditModel(pipe.transformer, pipe.text_encoder, cfg.model.train_text_encoder, cfg.model.lora)
+    model = task.build(device)
     lora = cfg.model.lora is not None
-    ref_model = None
-    if cfg.task == "msgrpo" and cfg.msgrpo.kl_beta > 0 and not lora:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    # the schedule counts optimizer steps: MSGRPO takes `minibatches` of them per RL step
-    updates = cfg.total_steps * (cfg.msgrpo.minibatches if cfg.task == "msgrpo" else 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(updates, o.warmup_steps, o.schedule, o.min_lr_ratio))
+    updates = cfg.total_steps * task.updates_per_step  # the schedule counts optimizer steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lr_lambda(updates, o.warmup_steps, o.schedule, o.min_lr_ratio))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         model_parameters=trainable,
     )
 
     state = {"step": 0, "cursor": 0, "stage": 0, "rl_step": 0}
-    checkpoint = find_checkpoint(resume, out) if resume else None
     if checkpoint is not None:
         state.update(load_checkpoint(engine, checkpoint, exclude_frozen=lora))
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
     log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0, resume_step=state["step"])
-    if rank == 0 and checkpoint is not None:
+    for note in notes:
+        log.warn(note)
+    if checkpoint is not None:
         log.info(f"resumed from {checkpoint} at step {state['step']}")
-
-    ref = (ref_model, (lambda: adapters_disabled(engine.module.transformer)) if lora else None)
 
     total = cfg.total_steps
     bar = None
@@ -319,12 +204,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     while state["step"] < total:
         t0 = time.perf_counter()
         lr = optimizer_lr(engine)
-        if cfg.task == "vae":
-            metrics = _vae_step(engine, cfg, state, rank, world, gas, device)
-        elif cfg.task == "sft":
-            metrics = _sft_step(engine, pipe, cfg, state, rank, world, gas)
-        else:
-            metrics = _msgrpo_step(engine, pipe, cfg, state, rank, world, reward, ref)
+        metrics = task.step(engine, state, rank, world, gas, device)
         grad_norm = engine.get_global_grad_norm()
         metrics.update(
             step=state["step"] + 1, lr=lr,
@@ -338,13 +218,13 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             log.write(metrics)
         if bar is not None:
             bar.update(1)
-            key = "reward/weighted" if cfg.task == "msgrpo" else "loss"
-            bar.set_postfix({key: f"{metrics[key]:.4f}"})
+            bar.set_postfix({task.progress_key: f"{metrics[task.progress_key]:.4f}"})
         if state["step"] % cfg.checkpoint.every == 0 or state["step"] == total:
-            save_checkpoint(engine, out, state["step"], state, cfg.checkpoint.keep_last, exclude_frozen=lora)
+            save_checkpoint(engine, out, state["step"], state, cfg.checkpoint.keep_last, exclude_frozen=lora,
+                            config=cfg.to_dict(), tmp_tag=tag)
     if bar is not None:
         bar.close()
-    _export(engine, pipe, cfg, out, rank)
+    task.export(engine, out, rank)
     if rank == 0 and cfg.log.plot:
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     if dist.is_initialized():
