@@ -129,6 +129,36 @@ def test_lora_msgrpo_with_kl_trains_adapters_only_and_exports_a_plain_model(tmp_
     assert changed and all(any(t in n for t in ("to_q", "to_k", "to_v", "to_out", "add_")) for n in changed)
 
 
+def test_lora_run_exports_its_adapters_that_reproduce_the_merged_model_and_start_a_new_run(tmp_path):
+    """final/lora/ holds the adapters alone in every requested format; applied to the starting model they
+    give the exported (merged) model; ``model.lora.init`` starts a further run from them."""
+    from uniref.lora import read_lora
+    from uniref.pipelines import UniRefEditPipeline
+    from uniref.presets import random_edit_pipeline
+
+    cfg = json.loads(json.dumps(MSGRPO))
+    cfg["model"]["lora"] = {"rank": 4, "alpha": 8, "export": ["diffusers", "kohya", "peft"]}
+    cfg["msgrpo"]["phases"] = [{"data": "compose", "steps": 2}]
+    out = tmp_path / "out"
+    run(write(tmp_path, cfg), out)
+    files = sorted(p.name for p in (out / "final" / "lora").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "lora_kohya.safetensors",
+                     "pytorch_lora_weights.safetensors"]
+    weights, fmt = read_lora(out / "final" / "lora" / "lora_kohya.safetensors")
+    assert fmt == "kohya" and {w[0].shape[0] for w in weights.modules.values()} == {4}
+    merged = UniRefEditPipeline.from_pretrained(out / "final").transformer
+    start = random_edit_pipeline("tiny", seed=1).transformer.load_lora(out / "final" / "lora", merge=True)
+    for (name, a), (_, b) in zip(sorted(merged.state_dict().items()), sorted(start.state_dict().items())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    again = json.loads(json.dumps(cfg))
+    again["model"]["lora"] = {"init": str(out / "final" / "lora" / "lora_kohya.safetensors")}
+    run(write(tmp_path, again, "again.yaml"), tmp_path / "again")
+    bad = json.loads(json.dumps(cfg))
+    bad["model"]["lora"] = {"init": str(tmp_path / "nope.safetensors"), "export": ["ckpt"]}
+    proc = run(write(tmp_path, bad, "bad.yaml"), tmp_path / "bad", check=False)
+    assert proc.returncode == 2 and "model.lora.export: ['ckpt'] are not LoRA formats" in proc.stderr
+
+
 @pytest.mark.parametrize("stage, bf16", [(3, False), (1, True)])
 def test_zero_stages_and_bf16_run_and_export(tmp_path, stage, bf16):
     from uniref.pipelines import UniRefEditPipeline

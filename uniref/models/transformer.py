@@ -463,6 +463,19 @@ class UniRefTransformer2DModel(ModelMixin, ConfigMixin):
         out.load_state_dict(self.state_dict(), strict=True, assign=True)
         return out.eval()
 
+    def load_lora(self, path, merge: bool = False, adapter_name: str = "default") -> "UniRefTransformer2DModel":
+        """Adds a LoRA file (diffusers, PEFT or kohya/ComfyUI format, detected from its keys; see `uniref.lora`)
+        as a PEFT adapter, or merges it into the weights (``merge=True``: the model keeps its architecture).
+
+        Raises:
+            uniref.lora.LoraError: a file of no known format, a module this model lacks, or shapes that do not fit.
+        """
+        from uniref.lora import inject_lora, merge_adapters, read_lora
+
+        weights, _ = read_lora(path)
+        inject_lora(self, weights, adapter_name)
+        return merge_adapters(self) if merge else self
+
     def save_pretrained(self, save_directory, *args, format: str = "uniref", **kwargs):
         """diffusers' ``save_pretrained``; ``format="diffusers"`` writes a `QwenImageTransformer2DModel` folder
         instead (`to_qwenimage`), for diffusers, ComfyUI and the tools built on them."""

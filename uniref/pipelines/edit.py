@@ -565,6 +565,12 @@ class UniRefEditPipeline(DiffusionPipeline):
                 f"({type(exc).__name__}: {detail})"
             ) from exc
 
+    def load_lora(self, path, merge: bool = False) -> "UniRefEditPipeline":
+        """Applies a LoRA file trained here or elsewhere (diffusers, PEFT or kohya/ComfyUI format) to the
+        transformer, as an adapter or merged (`UniRefTransformer2DModel.load_lora`)."""
+        self.transformer.load_lora(path, merge=merge)
+        return self
+
     @classmethod
     def from_qwenimage_edit(
         cls, pipe, target_pixels: int = 1024 * 1024, **transformer_overrides

@@ -123,11 +123,22 @@ class LoraConfig:
                                  "to_add_out"]
     )
 
+    # LoRA file formats written to final/lora/ beside the merged model: diffusers (what diffusers' Qwen
+    # pipelines' load_lora_weights reads), peft, kohya (ComfyUI); see uniref.lora
+    export: list[str] = field(default_factory=lambda: ["diffusers"])
+    # a LoRA file (any of those formats) to start from: its modules, ranks and alphas replace rank, alpha and
+    # target_modules
+    init: str | None = None
+
     def check(self, c: _Checks) -> None:
+        from uniref.lora import FORMATS
+
         c.int_at_least(self.rank, "model.lora.rank")
         c.number(self.alpha, "model.lora.alpha", 0.0, strict=True)
         c.number(self.dropout, "model.lora.dropout", 0.0, 1.0)
         c.need(bool(self.target_modules), "model.lora.target_modules: must name at least one module")
+        bad = [f for f in self.export if f not in FORMATS]
+        c.need(not bad, f"model.lora.export: {bad} are not LoRA formats; choose from {list(FORMATS)}")
 
 
 @dataclass
@@ -177,6 +188,13 @@ class ModelConfig:
         if self.qwen_image_edit is not None:
             _check_pipeline_folder(c, "model.qwen_image_edit", Path(self.qwen_image_edit),
                                    "point it at a local diffusers QwenImageEditPlusPipeline folder")
+        if self.lora is not None and self.lora.init is not None:
+            from uniref.lora import LoraError, read_lora
+
+            try:
+                read_lora(self.lora.init)
+            except LoraError as exc:
+                c.errors.append(f"model.lora.init: {exc}")
         if self.vae is not None:
             folder = Path(self.vae)
             if not (folder / "config.json").is_file():

@@ -93,10 +93,15 @@ class EditModel(nn.Module):
         if lora is not None:
             from peft import LoraConfig, inject_adapter_in_model
 
+            from uniref.lora import inject_lora, read_lora
+
             transformer.requires_grad_(False)
-            config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                target_modules=list(lora.target_modules))
-            inject_adapter_in_model(config, transformer)
+            if lora.init is not None:  # further training of a LoRA made here or elsewhere
+                inject_lora(transformer, read_lora(lora.init)[0])
+            else:
+                config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                    target_modules=list(lora.target_modules))
+                inject_adapter_in_model(config, transformer)
             if not any(p.requires_grad for p in transformer.parameters()):
                 raise ValueError(f"model.lora.target_modules {lora.target_modules} matched no module of the transformer")
         self.transformer = transformer
@@ -133,16 +138,12 @@ class EditModel(nn.Module):
         return self.transformer(hidden_states.to(dtype), embeds.to(dtype), timestep.to(dtype), layout, lengths)
 
 
-def _tuner_layers(module: nn.Module):
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-
-
 @contextlib.contextmanager
 def adapters_disabled(module: nn.Module):
     """Runs the base model under LoRA adapters (the frozen reference policy of the KL term)."""
-    layers = _tuner_layers(module)
+    from uniref.lora import tuner_layers
+
+    layers = list(tuner_layers(module).values())
     for m in layers:
         m.enable_adapters(False)
     try:
@@ -157,16 +158,9 @@ def merged_pipeline(pipe, model: EditModel, pixel_budget: int | None = None):
     ``pixel_budget``: the default reference budget recorded in it (the one it was trained with)."""
     import copy
 
-    transformer = copy.deepcopy(model.transformer).float().eval()
-    layers = _tuner_layers(transformer) if any("lora_" in n for n, _ in transformer.named_parameters()) else []
-    if layers:
-        for m in layers:
-            m.merge()
-        # swap every tuner layer for its merged base layer, so the saved model has the plain architecture
-        for m in list(transformer.modules()):
-            for child_name, child in list(m.named_children()):
-                if child in layers:
-                    setattr(m, child_name, child.get_base_layer())
+    from uniref.lora import merge_adapters
+
+    transformer = merge_adapters(copy.deepcopy(model.transformer).float().eval())
     transformer.requires_grad_(False)
     text_encoder = copy.deepcopy(model.text_encoder).float().eval().requires_grad_(False)
     from uniref.pipelines.edit import UniRefEditPipeline

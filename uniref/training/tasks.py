@@ -158,8 +158,27 @@ class _PipelineTask:
                   if self.cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext())
         with gather:
             if rank == 0:
-                _save_atomically(merged_pipeline(self.pipe, engine.module, self.export_budget()), final)
+                _save_atomically(_Export(merged_pipeline(self.pipe, engine.module, self.export_budget()),
+                                         engine.module.transformer, self.cfg.model.lora), final)
         return final
+
+
+class _Export:
+    """What ``final/`` holds: the merged pipeline and, for a LoRA run, the adapters alone in ``final/lora/`` in
+    every format of ``model.lora.export``."""
+
+    def __init__(self, pipe, trained_transformer, lora_cfg):
+        from uniref.lora import adapter_weights
+
+        self.pipe, self.formats = pipe, list(lora_cfg.export) if lora_cfg is not None else []
+        self.adapters = adapter_weights(trained_transformer) if self.formats else None
+
+    def save_pretrained(self, folder: Path) -> None:
+        from uniref.lora import write_lora
+
+        self.pipe.save_pretrained(folder)
+        for fmt in self.formats:
+            write_lora(self.adapters, Path(folder) / "lora", fmt)
 
 
 def _stage_at(stages, step: int) -> int:
