@@ -1,27 +1,22 @@
 """uniref.training.msgrpo in-process: prompts are encoded once per rollout and reused by every denoising
 step and every trained timestep; the trajectory and log-probs come from the shared sampling loop."""
 
+import json
+
 import pytest
 import torch
+from training_helpers import MSGRPO
 
 from uniref.presets import random_edit_pipeline
 from uniref.training import load_config
 from uniref.training.modules import EditModel
 from uniref.training.msgrpo import rollout, rollout_tasks, score_rollout, train_on_rollout
 
-CONFIG = {
-    "task": "msgrpo",
-    "seed": 1,
-    "model": {"preset": "tiny"},
-    "data": {"size": 64, "num_refs": [2, 3]},
-    "optim": {"lr": 1e-3, "weight_decay": 0.0, "schedule": "constant"},
-    "deepspeed": {"zero_stage": 0},
-    "msgrpo": {
-        "phases": [{"data": "compose", "steps": 2}],
-        "prompts_per_step": 2, "group_size": 2, "num_steps": 5, "sde_window": [1, 3], "pixel_budget": 8192,
-        "cfg_scale": 2.0, "minibatches": 2,
-    },
-}
+# the training tests' MSGRPO run, with guidance and two minibatches
+CONFIG = json.loads(json.dumps(MSGRPO))
+CONFIG["deepspeed"] = {"zero_stage": 0}
+CONFIG["msgrpo"].update(phases=[{"data": "compose", "steps": 2}], group_size=2, num_steps=5, sde_window=[1, 3],
+                        cfg_scale=2.0, minibatches=2)
 
 
 class PlainEngine:
