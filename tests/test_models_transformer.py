@@ -170,3 +170,24 @@ def test_deprecated_packed_signature_still_works():
             old_hidden = model(packed, torch.cat(texts), TEXT_LENGTHS, t, packed.tokens * 0)
         with_zeros = model(packed.tokens * 0, torch.cat(texts), t, packed.layout, TEXT_LENGTHS)
     assert torch.equal(new, old) and torch.equal(old_hidden, with_zeros)
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_selective_gradient_checkpointing(every):
+    """Checkpointing every k-th block recomputes blocks 0, k, 2k, ... and changes no gradient."""
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = UniRefTransformer2DModel(**{**TINY, "num_layers": 4}, attention_backend="cpu")
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+            model.checkpoint_every_k_blocks = every
+            inner = model._gradient_checkpointing_func
+            model._gradient_checkpointing_func = lambda block, *a: calls.append(block) or inner(block, *a)
+        latents, texts, t = make_inputs()
+        model(*_args(latents, texts, TEXT_LENGTHS, t)).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert len(calls) == len(range(0, 4, every))
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)

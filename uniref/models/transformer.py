@@ -304,6 +304,8 @@ class UniRefTransformer2DModel(ModelMixin, ConfigMixin):
         self.norm_out = AdaNormOut(dim)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.gradient_checkpointing = False
+        # with gradient checkpointing on: recompute blocks 0, k, 2k, ... only (memory for compute)
+        self.checkpoint_every_k_blocks = 1
 
     def forward(
         self,
@@ -367,8 +369,8 @@ class UniRefTransformer2DModel(ModelMixin, ConfigMixin):
         else:
             img_temb = txt_temb
         backend = self.config.attention_backend
-        for block in self.transformer_blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
+        for i, block in enumerate(self.transformer_blocks):
+            if torch.is_grad_enabled() and self.gradient_checkpointing and i % self.checkpoint_every_k_blocks == 0:
                 img, txt = self._gradient_checkpointing_func(block, img, txt, img_temb, txt_temb, derived, backend)
             else:
                 img, txt = block(img, txt, img_temb, txt_temb, derived, backend)

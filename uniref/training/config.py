@@ -153,12 +153,17 @@ class ModelConfig:
     vae: str | None = None  # a trained `AutoencoderKL` folder (a ``task: vae`` run's final) replacing the preset's VAE
     train_text_encoder: bool = False  # train the text encoder with the transformer (not with LoRA or Qwen2.5-VL)
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    # with gradient_checkpointing: recompute every k-th block only (1: all blocks; larger k keeps more
+    # activations, for less recompute)
+    checkpoint_every_k_blocks: int = 1
     attention_backend: str = "auto"  # a `uniref.varlen_attention` backend, or auto (the fastest available)
     lora: LoraConfig | None = None  # train LoRA adapters instead of the whole transformer
 
     def check(self, c: _Checks) -> None:
         from uniref.ops.attention import BACKENDS
         from uniref.presets import CONFIGS
+
+        c.int_at_least(self.checkpoint_every_k_blocks, "model.checkpoint_every_k_blocks")
 
         if self.vae is not None:
             c.need(self.preset is not None, "model.vae: replaces a preset's VAE; a pretrained pipeline keeps its own")

@@ -78,6 +78,7 @@ def build_pipeline(model_cfg, seed: int):
     pipe.transformer.train()
     if model_cfg.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
+        pipe.transformer.checkpoint_every_k_blocks = model_cfg.checkpoint_every_k_blocks
     return pipe
 
 
