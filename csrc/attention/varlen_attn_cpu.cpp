@@ -10,8 +10,9 @@
 // dK and dV of its keys and streams the sample's query blocks:
 //   P^T = exp(scale * K Q^T - lse), dP^T = V dO^T, dS^T = P^T * (dP^T - Dq) * scale, Dq = rowsum(dO * O),
 //   dV += P^T dO,  dK += dS^T Q,  dQ += dS K.
-// dQ rows receive contributions from every key block of their sample; each (head, query block) has a spin
-// lock, and items start their query sweep at different blocks so they rarely wait on one another.
+// dQ rows receive contributions from every key block of their sample; they are added in key block order
+// (each (head, query block) passes its turn from key block to key block), so the gradients are bitwise
+// the same at every thread count.
 // A prepass lays out each (head, query block)'s scaled Q^T, dO^T, lse and Dq once for all the key blocks
 // that read them: a workspace of ~2x q's size in fp32 (~4x for fp16/bf16 or a head_dim that is not a
 // multiple of the vector width, which also keep Q and dO rows converted).
@@ -20,7 +21,10 @@
 // empty set of exponentials is 0) and dq = 0; a sample with no queries gives dk = dv = 0.
 //
 // Accumulation is fp32 for fp32/fp16/bf16 inputs and fp64 for fp64 inputs (gradcheck). lse is fp32 always
-// (the schema's), so fp64 gradients carry its rounding: ~1e-7 relative.
+// (the schema's), so fp64 gradients carry its rounding: ~1e-7 relative. Every product sums at most kChunk
+// terms in registers before adding them to its output (see micro_kernel), which keeps fp32 results within
+// 2x (forward) / 3x (backward) of PyTorch's own attention error at any length. Nothing depends on the
+// thread count or schedule: the same inputs give bitwise the same outputs and gradients.
 //
 // Vectorization. Every product (2 in the forward, 5 in the backward) is laid out so that the SIMD lanes run
 // over a padded block dimension (queries in S, P, dP, dS, O^T; head_dim rounded up to the vector width in
@@ -42,6 +46,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -118,26 +123,59 @@ inline Vec<double> exp2v(Vec<double> x) {
 
 // ---- the micro-kernel and its driver -------------------------------------------------------------------
 
+// Products are summed in registers over at most kChunk terms of the contraction, then added to C: a
+// two-level sum. Its rounding error grows with kChunk + kc / kChunk terms rather than kc (one sequential
+// sum over a head dim of 128 or 1024 keys put the kernel outside the error bound of PyTorch's own
+// attention), and the final add costs one load and store of the micro-tile per chunk.
+constexpr int64_t kChunk = 32;
+
 // C (MR rows x NV vectors, row stride ldc) = or += A B, where A(r, kk) = a[r * a_rs + kk * a_cs] is
-// broadcast a scalar at a time and B rows are NV contiguous vectors (row stride ldb).
+// broadcast a scalar at a time and B rows are NV contiguous vectors (row stride ldb). Every element is
+// C + sum over chunks of (sum over the chunk's kk of A B, in kk order): `chunked_dot` below repeats it.
 template <typename Acc, int MR, int NV>
 inline void micro_kernel(int64_t kc, const Acc* a, int64_t a_rs, int64_t a_cs, const Acc* b, int64_t ldb, Acc* c,
                          int64_t ldc, bool accumulate) {
   constexpr int W = kLanes<Acc>;
-  Vec<Acc> acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load(c + r * ldc + v * W) : Vec<Acc>{};
-  for (int64_t kk = 0; kk < kc; ++kk) {
-    Vec<Acc> bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = load(b + kk * ldb + v * W);
-    const Acc* ak = a + kk * a_cs;
-    for (int r = 0; r < MR; ++r) {
-      const Acc ar = ak[r * a_rs];
-      for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
+  int64_t k0 = 0;
+  do {
+    const int64_t k1 = std::min(kc, k0 + kChunk);
+    Vec<Acc> acc[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec<Acc>{};
+    for (int64_t kk = k0; kk < k1; ++kk) {
+      Vec<Acc> bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = load(b + kk * ldb + v * W);
+      const Acc* ak = a + kk * a_cs;
+      for (int r = 0; r < MR; ++r) {
+        const Acc ar = ak[r * a_rs];
+        for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
+      }
     }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) store(c + r * ldc + v * W, acc[r][v]);
+    const bool add = accumulate || k0 > 0;
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) {
+        Acc* cp = c + r * ldc + v * W;
+        store(cp, add ? load(cp) + acc[r][v] : acc[r][v]);
+      }
+    k0 = k1;
+  } while (k0 < kc);
+}
+
+// sum_i a[i] b[i] rounded exactly as one element of micro_kernel's product (accumulate = false). The
+// backward's Dq = dO . O goes through it so that it rounds as dP = dO . V does: where O equals a row of V
+// (a query with one key), dP - Dq is then exactly 0, as it is in exact arithmetic.
+template <typename Acc, typename T>
+Acc chunked_dot(const T* a, const T* b, int64_t n) {
+  Acc total = 0;
+  int64_t k0 = 0;
+  do {
+    const int64_t k1 = std::min(n, k0 + kChunk);
+    Acc acc = 0;
+    for (int64_t i = k0; i < k1; ++i) acc += static_cast<Acc>(a[i]) * static_cast<Acc>(b[i]);
+    total = k0 > 0 ? total + acc : acc;
+    k0 = k1;
+  } while (k0 < n);
+  return total;
 }
 
 // Rows per micro-tile: as many accumulators as the register file holds next to the B vectors.
@@ -266,14 +304,17 @@ void run_costliest_first(const std::vector<int64_t>& costs, MakeScratch make_scr
   });
 }
 
-struct SpinLock {
-  std::atomic<bool> held{false};
-  void lock() {
-    while (held.exchange(true, std::memory_order_acquire))
-      while (held.load(std::memory_order_relaxed)) {
-      }
+// Hands a shared accumulator to its contributors in a fixed order (0, 1, 2, ...), so that the sum comes
+// out bitwise the same at every thread count and schedule. Contributor i waits until i - 1 has added.
+struct Turn {
+  std::atomic<int64_t> next{0};
+  void wait_for(int64_t i) const {
+    // Short spins first (the previous contributor is usually a few microseconds away), then yield: the
+    // thread it waits on may be descheduled on a loaded machine, and must get the core.
+    for (int spins = 0; next.load(std::memory_order_acquire) != i; ++spins)
+      if (spins >= 64) std::this_thread::yield();
   }
-  void unlock() { held.store(false, std::memory_order_release); }
+  void done(int64_t i) { next.store(i + 1, std::memory_order_release); }
 };
 
 constexpr double kLog2e = 1.4426950408889634;
@@ -448,9 +489,7 @@ void backward_kernel(const VarlenAttnBwdParams& bp, double softmax_scale) {
         l2[i] = static_cast<Acc>(p.lse[h * p.total_q + blk.begin + i]) * static_cast<Acc>(kLog2e);
         const T* orow = o + (blk.begin + i) * p.o_row_stride + h * p.o_head_stride;
         const T* drow = dob + i * bp.do_row_stride;
-        Acc acc = 0;
-        for (int64_t d = 0; d < D; ++d) acc += static_cast<Acc>(drow[d]) * static_cast<Acc>(orow[d]);
-        dd[i] = acc;
+        dd[i] = chunked_dot<Acc>(drow, orow, D);
       }
     }
   });
@@ -466,7 +505,8 @@ void backward_kernel(const VarlenAttnBwdParams& bp, double softmax_scale) {
         for (int64_t h = 0; h < H; ++h) std::fill_n(dq_acc + r * dq_rs + h * dq_hs, D, Acc(0));
     });
   }
-  std::vector<SpinLock> locks(H * nqb);
+  // dQ of (head, query block) receives the sample's key blocks' contributions in key block order.
+  std::unique_ptr<Turn[]> turns(new Turn[H * nqb]);
 
   // 3. Item = head * nkb + key block; its cost is its sample's query count (+1: zeroing dk/dv).
   std::vector<int64_t> costs(H * nkb);
@@ -490,10 +530,11 @@ void backward_kernel(const VarlenAttnBwdParams& bp, double softmax_scale) {
         std::fill(s.dk.begin(), s.dk.end(), Acc(0));
         std::fill(s.dv.begin(), s.dv.end(), Acc(0));
         const int64_t q_first = qfirst[blk.sample], q_count = qfirst[blk.sample + 1] - q_first;
-        // Key blocks of one sample start their sweep at different query blocks: fewer waits on dQ locks.
-        const int64_t start = q_count > 0 ? (g - kfirst[blk.sample]) % q_count : 0;
-        for (int64_t step = 0; step < q_count; ++step) {
-          const int64_t qg = q_first + (start + step) % q_count;
+        // Every key block sweeps the query blocks in the same order: key block j of the sample adds to a
+        // query block's dQ right after key block j - 1 did (run_costliest_first starts them in that order,
+        // so each waits, if at all, on one that is already running).
+        const int64_t turn = g - kfirst[blk.sample];
+        for (int64_t qg = q_first; qg < q_first + q_count; ++qg) {
           const int64_t slot = h * nqb + qg;
           const RowBlock& qblk = qblocks[qg];
           const int64_t qn = qblk.end - qblk.begin;
@@ -527,11 +568,11 @@ void backward_kernel(const VarlenAttnBwdParams& bp, double softmax_scale) {
           // dV += P^T dO, dK += dS^T Q (these key rows belong to this item alone)
           gemm<Acc>(kn, Dp, qn, s.st.data(), kBlockQ, 1, dor, lddo, s.dv.data(), Dp, true);
           gemm<Acc>(kn, Dp, qn, s.dpt.data(), kBlockQ, 1, qr, ldq, s.dk.data(), Dp, true);
-          // dQ += dS K (shared with the sample's other key blocks)
-          locks[slot].lock();
+          // dQ += dS K (shared with the sample's other key blocks: in turn)
+          turns[slot].wait_for(turn);
           Acc* dq_rows = dq_acc + qblk.begin * dq_rs + h * dq_hs;
           gemm<Acc>(qn, Dp, kn, s.dpt.data(), 1, kBlockQ, kt, ldk, dq_rows, dq_rs, true);
-          locks[slot].unlock();
+          turns[slot].done(turn);
         }
         for (int64_t j = 0; j < kn; ++j) {
           T* dkr = dk + (blk.begin + j) * bp.dk_row_stride + h * bp.dk_head_stride;
