@@ -1,10 +1,36 @@
 // `import uniref._C` loads this library; loading it runs every TORCH_LIBRARY registration in csrc/.
-// The module itself only reports how it was built (see uniref/info.py).
+// The module itself reports how it was built (see uniref/info.py) and what the CUDA attention kernels
+// support (read by uniref/attention.py's backend registry), so that Python keeps no copy of either.
 #include <Python.h>
+
+#include "attention/varlen_attn_cuda_support.h"
 
 #ifndef UNIREF_CUDA_ARCHS
 #define UNIREF_CUDA_ARCHS ""
 #endif
+#ifndef UNIREF_CPU_ARCH
+#define UNIREF_CPU_ARCH "unknown"
+#endif
+
+namespace {
+
+// A tuple of the n items that make(i) builds (new references), or nullptr with the error set.
+template <typename Make>
+PyObject* tuple_of(std::size_t n, Make make) {
+  PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(n));
+  if (t == nullptr) return nullptr;
+  for (std::size_t i = 0; i < n; ++i) {
+    PyObject* item = make(i);
+    if (item == nullptr) {
+      Py_DECREF(t);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), item);  // steals the reference
+  }
+  return t;
+}
+
+}  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "uniref compiled ops", -1, nullptr};
@@ -16,5 +42,20 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddIntConstant(m, "with_cuda", 0);
 #endif
   PyModule_AddStringConstant(m, "cuda_archs", UNIREF_CUDA_ARCHS);
+  PyModule_AddStringConstant(m, "cpu_arch", UNIREF_CPU_ARCH);
+  // What the CUDA varlen attention kernels take (also in a build without them: it describes the source).
+  PyObject* dims = tuple_of(uniref::kCudaAttnHeadDimCount,
+                            [](std::size_t i) { return PyLong_FromLong(uniref::kCudaAttnHeadDims[i]); });
+  PyObject* dtypes = tuple_of(uniref::kCudaAttnDtypeCount,
+                              [](std::size_t i) { return PyUnicode_FromString(uniref::kCudaAttnDtypeNames[i]); });
+  const bool ok = dims != nullptr && dtypes != nullptr &&
+                  PyModule_AddObjectRef(m, "cuda_attention_head_dims", dims) == 0 &&
+                  PyModule_AddObjectRef(m, "cuda_attention_dtypes", dtypes) == 0;
+  Py_XDECREF(dims);  // (AddObjectRef took its own references)
+  Py_XDECREF(dtypes);
+  if (!ok) {
+    Py_DECREF(m);
+    return nullptr;
+  }
   return m;
 }
