@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import uniref
-from uniref.ops.attention import unavailable_reason
+from uniref.attention import unavailable_reason
 from uniref.ops.attention_reference import cu_seqlens, make_varlen_inputs, varlen_attention_reference
 from conftest import DEVICES
 

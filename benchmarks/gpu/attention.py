@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
 
 import uniref  # noqa: E402
 from common import bench_ms, card_header  # noqa: E402
-from uniref.attention import auto_backend, available_backends  # noqa: E402
-from uniref.ops.attention import mean_tokens_per_sample, unavailable_reason  # noqa: E402
+from uniref.attention import auto_backend, available_backends, unavailable_reason  # noqa: E402
+from uniref.attention_backends import mean_tokens_per_sample  # noqa: E402
 from uniref.ops.attention_reference import (  # noqa: E402
     attention_flops,
     fwd_bwd_step,

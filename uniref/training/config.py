@@ -389,7 +389,7 @@ def _check(cfg: TrainConfig, errors: list[str]) -> None:
         need(bool(m.lora.target_modules), "model.lora.target_modules: must name at least one module")
         if m.train_text_encoder:
             errors.append("model.lora: LoRA trains adapters on the transformer only; set model.train_text_encoder: false")
-    from uniref.ops.attention import BACKENDS
+    from uniref.attention import BACKENDS
 
     need(m.attention_backend in ("auto", *BACKENDS), f"model.attention_backend: must be auto or one of {BACKENDS}")
 
