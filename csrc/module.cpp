@@ -3,6 +3,7 @@
 // support (read by uniref/attention.py's backend registry), so that Python keeps no copy of either.
 #include <Python.h>
 
+#include "attention/varlen_attn_cpu_dispatch.h"
 #include "attention/varlen_attn_cuda_support.h"
 
 #ifndef UNIREF_CUDA_ARCHS
@@ -30,10 +31,33 @@ PyObject* tuple_of(std::size_t n, Make make) {
   return t;
 }
 
+// _use_cpu_attention_kernels(capsule | None): the build of the CPU attention kernels the ops run from now
+// on (a `kernels` capsule of uniref._C_x86_64_v3 / _v4), or None for this extension's own.
+PyObject* use_cpu_attention_kernels(PyObject*, PyObject* arg) {
+  const uniref::CpuAttnKernels* kernels = nullptr;
+  if (arg != Py_None) {
+    kernels = static_cast<const uniref::CpuAttnKernels*>(PyCapsule_GetPointer(arg, uniref::kCpuAttnKernelsCapsule));
+    if (kernels == nullptr) return nullptr;  // not such a capsule: TypeError / ValueError set
+  }
+  uniref::use_cpu_attn_kernels(kernels);
+  Py_RETURN_NONE;
+}
+
+// cpu_attention_target() -> str: the target of the CPU attention kernels the ops run now.
+PyObject* cpu_attention_target(PyObject*, PyObject*) {
+  return PyUnicode_FromString(uniref::cpu_attn_kernels().target);
+}
+
+PyMethodDef methods[] = {
+    {"_use_cpu_attention_kernels", use_cpu_attention_kernels, METH_O, "Switch the CPU attention kernels."},
+    {"cpu_attention_target", cpu_attention_target, METH_NOARGS, "Target of the CPU attention kernels in use."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "uniref compiled ops", -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "uniref compiled ops", -1, methods};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
 #ifdef UNIREF_WITH_CUDA

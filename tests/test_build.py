@@ -7,6 +7,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,11 +59,15 @@ def test_portable_targets_per_machine(setup_py):
 @pytest.mark.skipif(_C.cpu_arch != "portable", reason=f"this build opted into UNIREF_CPU_ARCH={_C.cpu_arch}")
 @pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("objdump") is None, reason="x86-64 objdump")
 def test_portable_build_has_no_avx_instructions():
-    """The extension as built: not one instruction on a 256- or 512-bit register."""
-    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True,
-                          check=True).stdout  # fmt: skip
-    wide = [line for line in text.splitlines() if re.search(r"%[yz]mm\d", line)]
-    assert not wide, wide[:5]
+    """The extension as built: not one instruction on a 256- or 512-bit register; its x86-64-v3 build of the
+    CPU attention kernels (loaded only on an AVX2 CPU) none on a 512-bit one."""
+    from uniref import _C_x86_64_v3
+
+    for module, register in ((_C, r"%[yz]mm\d"), (_C_x86_64_v3, r"%zmm\d")):
+        text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", module.__file__], capture_output=True,
+                              text=True, check=True).stdout  # fmt: skip
+        wide = [line for line in text.splitlines() if re.search(register, line)]
+        assert not wide, (module.__name__, wide[:5])
 
 
 def test_debug_build_flags(setup_py, monkeypatch):
@@ -100,3 +105,57 @@ def test_one_version(setup_py, tmp_path):
                       '\nmessage(STATUS "version=${UNIREF_VERSION}")\n')  # fmt: skip
     out = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True, check=True).stdout
     assert f"version={uniref.__version__}" in out
+
+
+# torch's CPU capability levels (ATEN_CPU_CAPABILITY) and the CPU attention kernels a portable build runs there.
+TARGET_OF_CAPABILITY = {"default": "portable", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
+DISPATCH_SCRIPT = """
+import sys, torch, uniref
+from uniref import _C
+from uniref.ops.attention_reference import make_varlen_inputs
+q, k, v, cq, ck, mq, mk = make_varlen_inputs([300, 5, 130], [260, 90, 3], heads=3, head_dim=40)
+leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+out = uniref.varlen_attention(*leaves, cq, ck, mq, mk, backend="cpu")
+out.backward(torch.ones_like(out))
+torch.save({"target": _C.cpu_attention_target(), "tensors": [out.detach()] + [t.grad for t in leaves]}, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(_C.cpu_arch != "portable", reason=f"this build opted into UNIREF_CPU_ARCH={_C.cpu_arch}")
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the wider builds are x86-64 ones")
+def test_cpu_attention_runs_the_widest_build_the_cpu_runs(tmp_path):
+    """A portable build carries the CPU attention kernels for x86-64-v3 and -v4 too, and runs the widest
+    one the CPU has (torch's capability; ATEN_CPU_CAPABILITY lowers it): the same results, bitwise between
+    the two FMA targets, within float32 rounding of the portable one (no FMA)."""
+    import torch
+
+    levels = list(TARGET_OF_CAPABILITY)
+    mine = torch.backends.cpu.get_cpu_capability().lower()
+    assert _C.cpu_attention_target() == TARGET_OF_CAPABILITY[mine] or os.environ.get("ATEN_CPU_CAPABILITY")
+    results = {}
+    for capability in levels[: levels.index(mine) + 1]:
+        path = tmp_path / f"{capability}.pt"
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+        subprocess.run([sys.executable, "-c", DISPATCH_SCRIPT, str(path)], env=env, check=True, timeout=300)
+        results[capability] = torch.load(path, weights_only=True)
+        assert results[capability]["target"] == TARGET_OF_CAPABILITY[capability]
+    portable = results.pop("default")["tensors"]
+    for result in results.values():
+        for got, want in zip(result["tensors"], portable):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if "avx512" in results:
+        for a, b in zip(results["avx2"]["tensors"], results["avx512"]["tensors"]):
+            assert torch.equal(a, b)
+
+
+def test_cpu_kernel_switch_refuses_anything_but_its_capsule():
+    with pytest.raises(ValueError):
+        _C._use_cpu_attention_kernels(object())
+    before = _C.cpu_attention_target()
+    _C._use_cpu_attention_kernels(None)  # back to the extension's own build
+    try:
+        assert _C.cpu_attention_target() == _C.cpu_arch
+    finally:
+        from uniref.ops.attention import _use_widest_cpu_kernels
+
+        assert _use_widest_cpu_kernels() == before

@@ -12,11 +12,36 @@ from here, with a DeprecationWarning, until the next release: import them from `
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
 
+from uniref import _C
+
 _ops = torch.ops.uniref
+
+# ---- the CPU kernels: the widest build this CPU runs --------------------------------------------------------
+
+# torch's CPU capability (its own runtime detection; ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides it)
+# -> the modules of wider builds of the CPU attention kernels that setup.py adds to a portable build, widest
+# first. x86-64-v4 is AVX-512 F/BW/CD/DQ/VL, x86-64-v3 AVX2 + FMA: what torch's AVX512 / AVX2 levels require.
+_WIDER_CPU_KERNELS = {"AVX512": ("_C_x86_64_v4", "_C_x86_64_v3"), "AVX2": ("_C_x86_64_v3",)}
+
+
+def _use_widest_cpu_kernels() -> str:
+    """Hands uniref._C the widest build of the CPU attention kernels that this CPU runs; returns its target."""
+    for name in _WIDER_CPU_KERNELS.get(torch.backends.cpu.get_cpu_capability(), ()):
+        try:
+            module = importlib.import_module(f"uniref.{name}")
+        except ModuleNotFoundError:  # not built: UNIREF_CPU_ARCH was not portable, or another machine
+            continue
+        _C._use_cpu_attention_kernels(module.kernels)
+        break
+    return _C.cpu_attention_target()
+
+
+_use_widest_cpu_kernels()
 
 # ---- the ops: fake kernels and autograd ------------------------------------------------------------------
 
