@@ -1,9 +1,12 @@
-"""Varlen attention ops: fake kernels and autograd (schemas in csrc/ops.cpp, kernels in csrc/attention/).
+"""Varlen attention ops: fake kernels, autograd and the choice of CPU kernels (schemas in csrc/ops.cpp,
+kernels in csrc/attention/).
 
 * ``uniref::varlen_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
   -> (out, lse)``; ``uniref::varlen_attn_bwd(grad_out, q, k, v, out, lse, ...) -> (dq, dk, dv)``.
 * Autograd differentiates ``out`` in q, k and v through ``varlen_attn_bwd``; ``lse`` is an output for
   inspection (and for the backward), not differentiable.
+* On import, the CPU ops switch to the widest build of their kernels that this CPU runs (a portable build
+  carries x86-64-v3 and -v4 ones; csrc/attention/varlen_attn_cpu_dispatch.h).
 
 The backends behind `uniref.varlen_attention` and their registry live in `uniref.attention_backends`. The
 names this module used to hold (``BACKENDS``, ``available_backends``, ``auto_backend``, ...) still import
@@ -23,15 +26,22 @@ _ops = torch.ops.uniref
 
 # ---- the CPU kernels: the widest build this CPU runs --------------------------------------------------------
 
-# torch's CPU capability (its own runtime detection; ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides it)
-# -> the modules of wider builds of the CPU attention kernels that setup.py adds to a portable build, widest
-# first. x86-64-v4 is AVX-512 F/BW/CD/DQ/VL, x86-64-v3 AVX2 + FMA: what torch's AVX512 / AVX2 levels require.
-_WIDER_CPU_KERNELS = {"AVX512": ("_C_x86_64_v4", "_C_x86_64_v3"), "AVX2": ("_C_x86_64_v3",)}
+
+def _wider_cpu_kernels(capability: str) -> tuple[str, ...]:
+    """torch's CPU capability (its own runtime detection; ATEN_CPU_CAPABILITY=default|avx2|avx512 lowers it)
+    -> the modules of wider builds of the CPU attention kernels that setup.py adds to a portable build,
+    widest first. x86-64-v4 is AVX-512 F/BW/CD/DQ/VL and x86-64-v3 AVX2 + FMA: what torch's AVX512 and AVX2
+    levels require."""
+    if capability.startswith("AVX512"):
+        return ("_C_x86_64_v4", "_C_x86_64_v3")
+    if capability.startswith("AVX2"):
+        return ("_C_x86_64_v3",)
+    return ()
 
 
 def _use_widest_cpu_kernels() -> str:
     """Hands uniref._C the widest build of the CPU attention kernels that this CPU runs; returns its target."""
-    for name in _WIDER_CPU_KERNELS.get(torch.backends.cpu.get_cpu_capability(), ()):
+    for name in _wider_cpu_kernels(torch.backends.cpu.get_cpu_capability()):
         try:
             module = importlib.import_module(f"uniref.{name}")
         except ModuleNotFoundError:  # not built: UNIREF_CPU_ARCH was not portable, or another machine
