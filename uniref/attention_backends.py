@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from uniref import _C  # noqa: F401  (loading it registers torch.ops.uniref.*)
+from uniref import _C  # (loading it also registers torch.ops.uniref.*)
 
 __all__ = [
     "BACKENDS",
