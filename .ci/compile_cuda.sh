@@ -20,7 +20,7 @@ trap 'rm -rf "$out"' EXIT
 
 n=0
 for cu in csrc/*/*.cu; do
-  "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc \
+  "$NVCC" -std=c++20 -O3 --expt-relaxed-constexpr -Icsrc \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
     -c "$cu" -o "$out/$(basename "$cu").o"
   echo "nvcc sm_80+sm_90: $cu"

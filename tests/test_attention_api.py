@@ -1,13 +1,15 @@
 """uniref.varlen_attention: every backend vs the float64 reference, the "auto" rule, argument errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import uniref
-from uniref.attention import BACKENDS, auto_backend, available_backends
-from uniref.ops import attention as attention_ops
-from uniref.testing.attention import make_varlen_inputs, varlen_attention_reference
+from uniref import attention_backends
+from uniref.attention import BACKENDS, CUDA_DTYPES, CUDA_HEAD_DIMS, auto_backend, available_backends, unavailable_reason
 from uniref.testing import DEVICES
+from uniref.testing.attention import make_varlen_inputs, varlen_attention_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -95,21 +97,22 @@ class TestAutoRule:
 
     def test_cuda_order(self, monkeypatch):
         monkeypatch.delenv("UNIREF_ATTN_BACKEND", raising=False)
-        monkeypatch.setitem(attention_ops._HAS_KERNEL, "cuda", True)
-        monkeypatch.setattr(attention_ops, "_FLASH_ATTN_INSTALLED", True)
+        monkeypatch.setitem(attention_backends._HAS_KERNEL, "cuda", True)
+        monkeypatch.setattr(attention_backends, "_FLASH_ATTN_INSTALLED", True)
         assert auto_backend("cuda", torch.bfloat16, 128) == "cuda"
         assert auto_backend("cuda", torch.bfloat16, 96) == "flash_attn"  # not a head dim of our kernel
         assert auto_backend("cuda", torch.float32, 128) == "sdpa"  # neither takes fp32
-        monkeypatch.setattr(attention_ops, "_FLASH_ATTN_INSTALLED", False)
+        monkeypatch.setattr(attention_backends, "_FLASH_ATTN_INSTALLED", False)
         assert auto_backend("cuda", torch.float16, 96) == "sdpa"
-        monkeypatch.setitem(attention_ops._HAS_KERNEL, "cuda", False)
+        monkeypatch.setitem(attention_backends._HAS_KERNEL, "cuda", False)
         assert auto_backend("cuda", torch.float16, 128) == "sdpa"
 
     def test_cuda_long_samples_take_sdpa(self, monkeypatch):
         """Long samples go to one SDPA call per sample (cuDNN), earlier without gradients than with."""
         monkeypatch.delenv("UNIREF_ATTN_BACKEND", raising=False)
-        monkeypatch.setitem(attention_ops._HAS_KERNEL, "cuda", True)
-        inference, training = attention_ops.SDPA_MIN_TOKENS_INFERENCE, attention_ops.SDPA_MIN_TOKENS_TRAINING
+        monkeypatch.setitem(attention_backends._HAS_KERNEL, "cuda", True)
+        inference = attention_backends.SDPA_MIN_TOKENS_INFERENCE
+        training = attention_backends.SDPA_MIN_TOKENS_TRAINING
         assert inference < training
         assert auto_backend("cuda", torch.bfloat16, 128, inference - 1) == "cuda"
         assert auto_backend("cuda", torch.bfloat16, 128, inference) == "sdpa"
@@ -119,7 +122,7 @@ class TestAutoRule:
 
     def test_varlen_attention_passes_the_shape_to_the_rule(self, monkeypatch):
         seen = []
-        real = attention_ops.auto_backend
+        real = attention_backends.auto_backend
         monkeypatch.setattr(uniref.attention, "auto_backend", lambda *a: seen.append(a[3:]) or real(*a))
         q, k, v, cq, ck, mq, mk = make_varlen_inputs([3, 5], [4, 8], heads=2, head_dim=16)
         uniref.varlen_attention(q, k, v, cq, ck, mq, mk)
@@ -131,8 +134,9 @@ class TestAutoRule:
     def test_environment_overrides(self, monkeypatch):
         q, k, v, cq, ck, mq, mk = make_varlen_inputs([3, 4], [3, 4], heads=2, head_dim=16)
         calls = []
-        real = attention_ops._RUN["sdpa"]
-        monkeypatch.setitem(attention_ops._RUN, "sdpa", lambda *a: calls.append(1) or real(*a))
+        real = attention_backends.get_backend("sdpa")
+        counted = dataclasses.replace(real, run=lambda *a: calls.append(1) or real.run(*a))
+        monkeypatch.setitem(attention_backends._REGISTRY, "sdpa", counted)
         monkeypatch.setenv("UNIREF_ATTN_BACKEND", "sdpa")
         out = uniref.varlen_attention(q, k, v, cq, ck, mq, mk)
         assert calls and torch.allclose(out, varlen_attention_reference(q, k, v, cq, ck)[0], atol=1e-6)
@@ -163,7 +167,7 @@ class TestErrors:
     def test_unavailable_backend_says_why_and_lists_available(self):
         with pytest.raises(ValueError, match=r"'cuda' is not available .* runs CUDA tensors.*available: \['cpu'"):
             self.call(backend="cuda")
-        if not attention_ops._FLASH_ATTN_INSTALLED:
+        if not attention_backends._FLASH_ATTN_INSTALLED:
             with pytest.raises(ValueError, match="flash_attn is not installed"):
                 self.call(backend="flash_attn")
         q, k, v, cq, ck, mq, mk = make_varlen_inputs([3], [3], heads=1, head_dim=16, dtype=torch.float64)
@@ -212,3 +216,70 @@ class TestErrors:
 def test_backends_constant_lists_every_backend():
     assert set(BACKENDS) == {"cpu", "cuda", "flash_attn", "sdpa", "flex"}
     assert available_backends("cpu", torch.float32)[:1] == ["cpu"]
+
+
+class TestRegistry:
+    """BACKENDS, available_backends, the reasons and the run table all come from one registration each."""
+
+    def test_every_name_comes_from_the_registry(self):
+        registry = attention_backends._REGISTRY
+        assert BACKENDS == tuple(registry)
+        for name in BACKENDS:
+            backend = attention_backends.get_backend(name)
+            assert backend.name == name and callable(backend.run)
+        for device in ("cpu", "cuda"):
+            for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                for head_dim in (40, 64, 512):
+                    expected = [n for n in BACKENDS if registry[n].unavailable_reason(device, dtype, head_dim) is None]
+                    assert available_backends(device, dtype, head_dim) == expected
+        with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
+            attention_backends.get_backend("xformers")
+
+    def test_a_backend_registers_once(self):
+        with pytest.raises(ValueError, match="attention backend 'sdpa' is registered twice"):
+            attention_backends.register_backend("sdpa", label="SDPA")(lambda *a: None)
+        assert attention_backends._REGISTRY["sdpa"].run is attention_backends._sdpa
+
+    def test_cuda_constraints_come_from_the_compiled_extension(self):
+        from uniref import _C
+
+        assert CUDA_HEAD_DIMS == tuple(_C.cuda_attention_head_dims) == (32, 64, 128)
+        assert CUDA_DTYPES == (torch.float16, torch.bfloat16)
+        cuda = attention_backends.get_backend("cuda")
+        assert cuda.dtypes == CUDA_DTYPES and all(cuda.head_dim_ok(d) for d in CUDA_HEAD_DIMS)
+        assert not cuda.head_dim_ok(96)
+
+    def test_reason_names_every_broken_constraint(self, monkeypatch):
+        monkeypatch.setitem(attention_backends._HAS_KERNEL, "cuda", False)
+        reason = unavailable_reason("cuda", "cpu", torch.float32, 48)
+        for part in ("runs CUDA tensors, these are on cpu", "built without its CUDA kernels",
+                     "does not take float32 (it takes float16/bfloat16)", "supports head_dim in (32, 64, 128), got 48"):
+            assert part in reason, (part, reason)
+        assert unavailable_reason("sdpa", "cpu", torch.float64, 7) is None
+        assert "unknown backend" in unavailable_reason("xformers", "cpu", torch.float32, 64)
+
+    def test_grad_constraint_is_checked_before_running(self, monkeypatch):
+        calls = []
+        flex = attention_backends.get_backend("flex")
+        monkeypatch.setitem(attention_backends._REGISTRY, "flex",
+                            dataclasses.replace(flex, run=lambda *a: calls.append(1) or flex.run(*a)))  # fmt: skip
+        q, k, v, cq, ck, mq, mk = make_varlen_inputs([3], [3], heads=1, head_dim=16)
+        with pytest.raises(RuntimeError, match=r"cannot differentiate on CPU .*use backend='cpu' or 'sdpa'"):
+            uniref.varlen_attention(q.requires_grad_(), k, v, cq, ck, mq, mk, backend="flex")
+        assert not calls
+
+
+def test_old_import_path_is_deprecated_but_works():
+    import uniref.attention
+    import uniref.ops.attention as old
+
+    for name in ("BACKENDS", "CUDA_HEAD_DIMS", "ENV_BACKEND", "auto_backend", "available_backends",
+                 "unavailable_reason"):  # fmt: skip
+        with pytest.warns(DeprecationWarning, match=f"uniref.ops.attention.{name} moved to uniref.attention"):
+            assert getattr(old, name) is getattr(uniref.attention, name)
+    q, k, v, cq, ck, mq, mk = make_varlen_inputs([3, 2], [1, 4], heads=1, head_dim=8)
+    with pytest.warns(DeprecationWarning, match="run_backend"):
+        out, _ = old.run_backend("cpu", q, k, v, cq, ck, mq, mk, 0.5, False)
+    torch.testing.assert_close(out, uniref.varlen_attention(q, k, v, cq, ck, mq, mk, 0.5, backend="cpu"))
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        old.nothing

@@ -2,7 +2,7 @@
 
 Every sample's tokens (text + target + references) attend to each other jointly and never to another
 sample's: attention is block-diagonal over the packed batch, non-causal. The kernels are in
-csrc/attention/; the backends and the ``"auto"`` rule in `uniref.ops.attention`.
+csrc/attention/; the backends, their registry and the ``"auto"`` rule in `uniref.attention_backends`.
 """
 
 from __future__ import annotations
@@ -12,20 +12,32 @@ import math
 import torch
 from torch import Tensor
 
-from uniref.ops.attention import (
+from uniref.attention_backends import (
     BACKENDS,
+    CUDA_DTYPES,
     CUDA_HEAD_DIMS,
     ENV_BACKEND,
+    SUPPORTED_DTYPES,
+    AttentionBackend,
     auto_backend,
     available_backends,
+    get_backend,
     mean_tokens_per_sample,
-    run_backend,
     unavailable_reason,
 )
 
-__all__ = ["BACKENDS", "CUDA_HEAD_DIMS", "ENV_BACKEND", "auto_backend", "available_backends", "varlen_attention"]
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+__all__ = [
+    "BACKENDS",
+    "CUDA_DTYPES",
+    "CUDA_HEAD_DIMS",
+    "ENV_BACKEND",
+    "AttentionBackend",
+    "auto_backend",
+    "available_backends",
+    "get_backend",
+    "unavailable_reason",
+    "varlen_attention",
+]
 
 
 def varlen_attention(
@@ -72,12 +84,13 @@ def varlen_attention(
               tokens without gradients, 4096 with), else ``"cuda"`` for fp16/bf16 with a head dim in
               `CUDA_HEAD_DIMS`, else ``"flash_attn"`` if installed and applicable, else ``"sdpa"``.
             * ``"cpu"``: uniref's C++ kernel (tiled online softmax, fp32 accumulation, OpenMP).
-            * ``"cuda"``: uniref's CUDA kernel (fp16/bf16).
+            * ``"cuda"``: uniref's CUDA kernel (`CUDA_DTYPES`: fp16/bf16; head dims `CUDA_HEAD_DIMS`).
             * ``"flash_attn"``: ``flash_attn.flash_attn_varlen_func`` (installed separately, CUDA, fp16/bf16).
             * ``"sdpa"``: one ``torch.nn.functional.scaled_dot_product_attention`` call per sample.
             * ``"flex"``: FlexAttention with a document mask, compiled (forward only on CPU).
 
-            `available_backends` lists those that can run given inputs.
+            `available_backends` lists those that can run given inputs, `unavailable_reason` says why
+            one cannot, `get_backend` gives a backend's constraints.
         return_lse: also return the log-sum-exp.
 
     Returns:
@@ -118,9 +131,9 @@ def varlen_attention(
         raise ValueError(f"varlen_attention: q has head_dim {q.shape[2]} but k/v have {k.shape[2]}")
     if q.shape[1] == 0 or q.shape[2] == 0:
         raise ValueError(f"varlen_attention: heads and head_dim must be positive, got q {tuple(q.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
-            f"varlen_attention: q, k, v must share one of {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
+            f"varlen_attention: q, k, v must share one of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     if not (q.device == k.device == v.device):
         raise ValueError(f"varlen_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
@@ -147,8 +160,8 @@ def varlen_attention(
     if not math.isfinite(scale):
         raise ValueError(f"varlen_attention: softmax_scale must be finite, got {softmax_scale}")
 
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if backend == "auto":
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         chosen = auto_backend(q.device, q.dtype, q.shape[2], mean_tokens_per_sample(q, k, cu_seqlens_q), needs_grad)
     elif backend in BACKENDS:
         chosen = backend
@@ -162,8 +175,15 @@ def varlen_attention(
             f"varlen_attention: backend {chosen!r}{origin} is not available for {q.dtype} head_dim={q.shape[2]} "
             f"on {q.device}: {reason}; available: {available_backends(q.device, q.dtype, q.shape[2])}"
         )
+    impl = get_backend(chosen)
+    if needs_grad and not impl.differentiates_on(q.device.type):
+        can = [name for name in available_backends(q.device, q.dtype, q.shape[2])
+               if get_backend(name).differentiates_on(q.device.type)]  # fmt: skip
+        raise RuntimeError(
+            f"varlen_attention: backend={chosen!r} cannot differentiate on {q.device.type.upper()} ({impl.label} "
+            f"runs only forward there); use backend={' or '.join(map(repr, can))}, or call it under torch.no_grad()"
+        )
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse = run_backend(chosen, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
-                           return_lse)  # fmt: skip
+    out, lse = impl.run(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, return_lse)
     return (out, lse) if return_lse else out
 

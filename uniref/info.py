@@ -28,6 +28,8 @@ def build_info() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "extension_cpu": True,
+        "cpu_arch": _C.cpu_arch,
+        "cpu_attention_kernels": _C.cpu_attention_target(),
         "extension_cuda": bool(_C.with_cuda),
         "cuda_archs": [a for a in _C.cuda_archs.split(";") if a],
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

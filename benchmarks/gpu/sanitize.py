@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
 
 import uniref  # noqa: E402
 from common import card_header  # noqa: E402
+from uniref.attention import CUDA_DTYPES, CUDA_HEAD_DIMS  # noqa: E402
 from uniref.testing.attention import make_varlen_inputs, varlen_attention_reference  # noqa: E402
 
 Q_LENS, K_LENS = [1, 0, 133, 70], [3, 5, 200, 1]
@@ -30,8 +31,8 @@ def main(argv=None):
     device, backend = ("cpu", "cpu") if args.smoke or not torch.cuda.is_available() else ("cuda", "cuda")
     print(card_header("varlen attention kernels for compute-sanitizer"))
     worst = {}
-    for dtype in (torch.bfloat16, torch.float16):
-        for head_dim in (32, 64, 128):
+    for dtype in CUDA_DTYPES:
+        for head_dim in CUDA_HEAD_DIMS:
             q, k, v, cq, ck, mq, mk = make_varlen_inputs(Q_LENS, K_LENS, heads=2, head_dim=head_dim, dtype=dtype,
                                                          device=device, seed=head_dim)  # fmt: skip
             leaves = [t.requires_grad_() for t in (q, k, v)]

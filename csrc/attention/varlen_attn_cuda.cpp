@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "attention/varlen_attn_checks.h"
+#include "attention/varlen_attn_cuda_support.h"
 #include "attention/varlen_attn_launch.h"
 
 namespace uniref {
@@ -17,12 +18,11 @@ namespace {
 // What the CUDA kernels cannot do at all; the Python side routes these to another backend.
 void check_cuda_kernel_support(const at::Tensor& q, const char* op) {
   TORCH_CHECK(q.is_cuda(), op, ": expected CUDA tensors, got ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
-              ": the CUDA kernels support float16 and bfloat16 only, got ", q.scalar_type(),
-              "; use backend=\"sdpa\" (or \"auto\", which routes float32 there)");
+  TORCH_CHECK(cuda_attn_dtype_ok(attn_dtype(q)), op, ": the CUDA kernels support ", kCudaAttnDtypesText,
+              " only, got ", q.scalar_type(), "; use backend=\"sdpa\" (or \"auto\", which routes float32 there)");
   const int64_t d = q.size(2);
-  TORCH_CHECK(d == 32 || d == 64 || d == 128, op, ": the CUDA kernels support head_dim 32, 64 and 128 only, got ", d,
-              "; use backend=\"sdpa\" (or \"auto\")");
+  TORCH_CHECK(cuda_attn_head_dim_ok(d), op, ": the CUDA kernels support head_dim ", kCudaAttnHeadDimsText,
+              " only, got ", d, "; use backend=\"sdpa\" (or \"auto\")");
   TORCH_CHECK(q.size(1) <= 65535, op, ": the CUDA kernels support at most 65535 heads, got ", q.size(1));
 }
 

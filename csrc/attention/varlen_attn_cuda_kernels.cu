@@ -2,6 +2,7 @@
 #include <cstdint>
 
 #include "attention/varlen_attn_configs.cuh"
+#include "attention/varlen_attn_cuda_support.h"
 #include "attention/varlen_attn_launch.h"
 
 namespace uniref {
@@ -21,8 +22,6 @@ bool rows_ok(const void* ptr, int64_t rows, int64_t row_stride, int64_t heads, i
   return aligned16(ptr) && (rows <= 1 || row_stride % 8 == 0) && (heads <= 1 || head_stride % 8 == 0);
 }
 
-bool head_dim_ok(int64_t d) { return d == 32 || d == 64 || d == 128; }
-
 template <typename Tr>
 cudaError_t run_fwd(const VarlenAttnParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(attn::fwd_grid_x<Tr>(p)), static_cast<unsigned>(p.heads));
@@ -35,12 +34,9 @@ cudaError_t run_fwd(const VarlenAttnParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t fwd_dtype(const VarlenAttnParams& p, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 32: return run_fwd<typename FwdConfig<T, 32>::Traits>(p, stream);
-    case 64: return run_fwd<typename FwdConfig<T, 64>::Traits>(p, stream);
-    case 128: return run_fwd<typename FwdConfig<T, 128>::Traits>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_cuda_attn_head_dim(p.head_dim, cudaErrorInvalidValue, [&](auto d) {
+    return run_fwd<typename FwdConfig<T, decltype(d)::value>::Traits>(p, stream);
+  });
 }
 
 template <typename T, int D>
@@ -74,12 +70,9 @@ cudaError_t run_bwd(const VarlenAttnBwdParams& bp, float* dq_accum, float* dsum,
 
 template <typename T>
 cudaError_t bwd_dtype(const VarlenAttnBwdParams& bp, float* dq_accum, float* dsum, cudaStream_t stream) {
-  switch (bp.fwd.head_dim) {
-    case 32: return run_bwd<T, 32>(bp, dq_accum, dsum, stream);
-    case 64: return run_bwd<T, 64>(bp, dq_accum, dsum, stream);
-    case 128: return run_bwd<T, 128>(bp, dq_accum, dsum, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_cuda_attn_head_dim(bp.fwd.head_dim, cudaErrorInvalidValue, [&](auto d) {
+    return run_bwd<T, decltype(d)::value>(bp, dq_accum, dsum, stream);
+  });
 }
 
 // Largest grid.x over the configurations of this head dim (the smallest tiles).
@@ -96,9 +89,10 @@ const char* grid_unsupported(const VarlenAttnParams& p) {
 }  // namespace
 
 const char* varlen_attn_cuda_unsupported(const VarlenAttnParams& p) {
-  if (p.dtype != AttnDtype::kFloat16 && p.dtype != AttnDtype::kBFloat16)
-    return "the CUDA kernels support float16 and bfloat16 only";
-  if (!head_dim_ok(p.head_dim)) return "the CUDA kernels support head_dim 32, 64 and 128 only";
+  // (Literal messages: a const char* must outlive the call. They name the lists of varlen_attn_cuda_support.h.)
+  static_assert(kCudaAttnDtypeCount == 2 && kCudaAttnHeadDimCount == 3, "update the two messages below");
+  if (!cuda_attn_dtype_ok(p.dtype)) return "the CUDA kernels support float16 and bfloat16 only";
+  if (!cuda_attn_head_dim_ok(p.head_dim)) return "the CUDA kernels support head_dim 32, 64 and 128 only";
   if (const char* why = grid_unsupported(p)) return why;
   if (!rows_ok(p.q, p.total_q, p.q_row_stride, p.heads, p.q_head_stride) ||
       !rows_ok(p.k, p.total_k, p.k_row_stride, p.heads, p.k_head_stride) ||

@@ -5,6 +5,7 @@
 // (case: 0 mixed, 1 long, 2 extreme, -1 garbage cu_seqlens)
 #define UNIREF_ATTN_EMULATE 1
 #include "attention/varlen_attn_configs.cuh"
+#include "attention/varlen_attn_cuda_support.h"
 
 #include <cmath>
 #include <cstdio>
@@ -328,11 +329,13 @@ template <typename T>
 void run_dim(int d, int case_idx, bool eager, uint64_t seed) {
   const bool garbage = case_idx < 0;
   const Case c = cases()[garbage ? 0 : case_idx];
-  switch (d) {
-    case 32: run_case<T, 32>(c, eager, seed, garbage); break;
-    case 64: run_case<T, 64>(c, eager, seed, garbage); break;
-    case 128: run_case<T, 128>(c, eager, seed, garbage); break;
-    default: std::printf("unsupported D %d\n", d); ++failures;
+  const bool known = with_cuda_attn_head_dim(d, false, [&](auto dim) {
+    run_case<T, decltype(dim)::value>(c, eager, seed, garbage);
+    return true;
+  });
+  if (!known) {
+    std::printf("unsupported D %d\n", d);
+    ++failures;
   }
 }
 
@@ -351,14 +354,14 @@ int main(int argc, char** argv) {
     // quick: every (dtype, head dim, case) once, copy modes alternating; all: both copy modes.
     const int ncases = static_cast<int>(cases().size());
     uint64_t seed = 1;
-    for (int d : {32, 64, 128})
+    for (int d : kCudaAttnHeadDims)
       for (int bf16 = 0; bf16 < 2; ++bf16)
         for (int ci = 0; ci < ncases; ++ci)
           for (int eager = 0; eager < 2; ++eager) {
             const bool take = mode == "all" || eager == (ci + bf16 + d / 64) % 2;
             if (take) run_one(bf16, d, ci, eager, seed++);
           }
-    for (int d : {32, 64, 128}) run_one(d == 64, d, -1, d != 64, seed++);  // garbage cu_seqlens
+    for (int d : kCudaAttnHeadDims) run_one(d == 64, d, -1, d != 64, seed++);  // garbage cu_seqlens
   } else if (argc == 6) {
     run_one(std::string(argv[1]) == "bf16", std::atoi(argv[2]), std::atoi(argv[5]), std::string(argv[3]) == "eager",
             std::strtoull(argv[4], nullptr, 10));

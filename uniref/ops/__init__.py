@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 from uniref.ops import packing  # noqa: E402,F401
-from uniref.ops import attention  # noqa: E402,F401  (varlen attention: fake kernels, autograd, backends)
+from uniref.ops import attention  # noqa: E402,F401  (varlen attention: fake kernels, autograd)
 from uniref.ops import grpo  # noqa: E402,F401  (MSGRPO ops: CPU references, Triton on CUDA)
 
 __all__ = ["packing"]

@@ -160,7 +160,7 @@ class ModelConfig:
     lora: LoraConfig | None = None  # train LoRA adapters instead of the whole transformer
 
     def check(self, c: _Checks) -> None:
-        from uniref.ops.attention import BACKENDS
+        from uniref.attention import BACKENDS
         from uniref.presets import CONFIGS
 
         c.int_at_least(self.checkpoint_every_k_blocks, "model.checkpoint_every_k_blocks")
