@@ -112,7 +112,7 @@ TARGET_OF_CAPABILITY = {"default": "portable", "avx2": "x86-64-v3", "avx512": "x
 DISPATCH_SCRIPT = """
 import sys, torch, uniref
 from uniref import _C
-from uniref.ops.attention_reference import make_varlen_inputs
+from uniref.testing.attention import make_varlen_inputs
 q, k, v, cq, ck, mq, mk = make_varlen_inputs([300, 5, 130], [260, 90, 3], heads=3, head_dim=40)
 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 out = uniref.varlen_attention(*leaves, cq, ck, mq, mk, backend="cpu")
