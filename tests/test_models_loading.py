@@ -127,3 +127,26 @@ def test_save_as_diffusers_round_trips_and_diffusers_loads_it(qwen, tmp_path):
         UniRefTransformer2DModel(**TINY, rope_scheme="corner").to_qwenimage()
     with pytest.raises(ValueError, match="format must be"):
         ours.save_pretrained(tmp_path / "x", format="ckpt")
+
+
+def test_a_qwen_pipeline_folder_loads_its_transformer_from_the_shards(tmp_path):
+    """`UniRefEditPipeline.from_qwenimage_edit_folder` (what `model.qwen_image_edit`, the shipped Qwen
+    templates' source, runs): the transformer comes from the folder's shards in its stored dtype, the rest
+    through diffusers. A tiny random pipeline (the real 20B folder would need 40 GB of disk); its processor,
+    which cannot be saved without torchvision, is passed in as a component."""
+    from uniref.pipelines import UniRefEditPipeline
+    from uniref.testing.qwen import tiny_qwen_edit_plus
+
+    qwen = tiny_qwen_edit_plus()
+    folder = tmp_path / "qwen"
+    qwen.transformer.to(torch.bfloat16).save_pretrained(folder / "transformer", max_shard_size="40KB")
+    qwen.transformer.float()
+    for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        getattr(qwen, name).save_pretrained(folder / name)
+    qwen.save_config(folder)
+    assert len(list((folder / "transformer").glob("*.safetensors"))) > 1
+    pipe = UniRefEditPipeline.from_qwenimage_edit_folder(folder, target_pixels=64 * 64, processor=qwen.processor)
+    assert pipe.transformer.dtype == torch.bfloat16
+    for name, tensor in pipe.transformer.state_dict().items():
+        assert torch.equal(tensor, qwen.transformer.state_dict()[name].to(torch.bfloat16)), name
+    assert pipe.text_encoder.embed_dim == 16

@@ -572,17 +572,41 @@ class UniRefEditPipeline(DiffusionPipeline):
         return self
 
     @classmethod
+    def from_qwenimage_edit_folder(
+        cls, folder: str | Path, target_pixels: int = 1024 * 1024, torch_dtype: torch.dtype | None = None,
+        attention_backend: str = "auto", **components,
+    ) -> "UniRefEditPipeline":
+        """Loads a local diffusers ``QwenImageEditPlusPipeline`` folder: the transformer straight from its
+        safetensors shards (`UniRefTransformer2DModel.from_qwenimage`: one copy of the weights, in
+        ``torch_dtype`` or as stored), the other components through diffusers (safetensors only, no download;
+        ``components`` replace any of them, as diffusers' ``from_pretrained`` takes them)."""
+        from diffusers import QwenImageEditPlusPipeline
+
+        folder = Path(folder)
+        transformer = UniRefTransformer2DModel.from_qwenimage(folder / "transformer", torch_dtype=torch_dtype,
+                                                             attention_backend=attention_backend)
+        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        base = QwenImageEditPlusPipeline.from_pretrained(folder, transformer=None, local_files_only=True,
+                                                         use_safetensors=True, **kwargs, **components)
+        return cls.from_qwenimage_edit(base, target_pixels=target_pixels, transformer=transformer)
+
+    @classmethod
     def from_qwenimage_edit(
-        cls, pipe, target_pixels: int = 1024 * 1024, **transformer_overrides
+        cls, pipe, target_pixels: int = 1024 * 1024, transformer: UniRefTransformer2DModel | None = None,
+        **transformer_overrides,
     ) -> "UniRefEditPipeline":
         """Wraps a loaded diffusers ``QwenImageEditPlusPipeline`` (no download).
 
-        The transformer is converted with `UniRefTransformer2DModel.from_qwenimage` (weights copied,
-        ``transformer_overrides`` such as ``attention_backend`` passed on); the VAE and scheduler are
-        shared; the text encoder and processor are wrapped in a `QwenVLPromptEncoder` (shared).
+        The transformer is converted with `UniRefTransformer2DModel.from_qwenimage` (sharing the source's
+        tensors, no copy; ``transformer_overrides`` such as ``attention_backend`` passed on), unless one of
+        ours is given (e.g. loaded from the pipeline folder's shards, with the pipeline loaded without its
+        transformer); the VAE and scheduler are shared; the text encoder and processor are wrapped in a
+        `QwenVLPromptEncoder` (shared).
         """
+        if transformer is None:
+            transformer = UniRefTransformer2DModel.from_qwenimage(pipe.transformer, **transformer_overrides)
         return cls(
-            transformer=UniRefTransformer2DModel.from_qwenimage(pipe.transformer, **transformer_overrides),
+            transformer=transformer,
             vae=pipe.vae,
             scheduler=pipe.scheduler,
             text_encoder=QwenVLPromptEncoder.from_pipeline(pipe),

@@ -70,10 +70,9 @@ def build_pipeline(model_cfg, seed: int):
         pipe = UniRefEditPipeline.from_pretrained(path)
         pipe.transformer.register_to_config(attention_backend=model_cfg.attention_backend)
     else:
-        from diffusers import QwenImageEditPlusPipeline
-
-        base = QwenImageEditPlusPipeline.from_pretrained(model_cfg.qwen_image_edit, local_files_only=True)
-        pipe = UniRefEditPipeline.from_qwenimage_edit(base, attention_backend=model_cfg.attention_backend)
+        # the transformer straight from its shards (one copy of the weights, as stored), the rest through diffusers
+        pipe = UniRefEditPipeline.from_qwenimage_edit_folder(model_cfg.qwen_image_edit,
+                                                             attention_backend=model_cfg.attention_backend)
     pipe.vae.requires_grad_(False).eval()
     pipe.transformer.train()
     if model_cfg.gradient_checkpointing:
