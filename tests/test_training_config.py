@@ -93,6 +93,20 @@ def test_deepspeed_json_is_generated_or_checked(tmp_path):
     assert ds["zero_optimization"]["stage"] == 1 and ds["gradient_accumulation_steps"] == 2
 
 
+def test_zero_offload_keys():
+    cfg = load_config(base={**SFT, "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"}})
+    zero = deepspeed_config(cfg, world=1)["zero_optimization"]
+    assert zero == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                    "offload_param": {"device": "cpu", "pin_memory": True}}
+    assert "offload_optimizer" not in deepspeed_config(load_config(base=SFT), world=1)["zero_optimization"]
+    with pytest.raises(ConfigError, match="deepspeed.offload_param: needs zero_stage 3"):
+        load_config(base={**SFT, "deepspeed": {"zero_stage": 2, "offload_param": "cpu"}})
+    with pytest.raises(ConfigError, match="deepspeed.offload_optimizer: needs zero_stage >= 1"):
+        load_config(base={**SFT, "deepspeed": {"zero_stage": 0, "offload_optimizer": "cpu"}})
+    with pytest.raises(ConfigError, match="deepspeed.offload_optimizer"):
+        load_config(base={**SFT, "deepspeed": {"offload_optimizer": "nvme"}})
+
+
 def test_invalid_config_exits_2_before_any_work(tmp_path):
     path = write(tmp_path, {**SFT, "optim": {"lr": -1.0}})
     proc = run(path, tmp_path / "out", check=False)

@@ -70,6 +70,7 @@ Aggregate = Literal["sum_then_normalize", "normalize_then_sum"]
 AdvStd = Literal["group", "batch"]
 PhaseData = Literal["compose", "edit", "mixed"]
 ZeroStage = Literal[0, 1, 2, 3]
+Offload = Literal["none", "cpu"]
 
 MAX_SEED = 2**32 - 1  # numpy's and most samplers' seed range; every seed of a run derives from this one
 
@@ -313,10 +314,20 @@ class DeepSpeedConfig:
     micro_batches_per_step: int = 1
     # a DeepSpeed JSON used as given instead of the one generated from these keys (its accumulation must match)
     config: str | None = None
+    # ZeRO-Offload: keep the optimizer states (and their update) in host memory ("cpu"; ZeRO stage >= 1), and
+    # with ZeRO-3 the parameters too (offload_param); GPU memory for host memory and PCIe traffic
+    offload_optimizer: Offload = "none"
+    offload_param: Offload = "none"  # ZeRO-3 only: the parameters in host memory, fetched per module
 
     def check(self, c: _Checks) -> None:
         c.one_of(self.zero_stage, ZeroStage, "deepspeed.zero_stage")
         c.int_at_least(self.micro_batches_per_step, "deepspeed.micro_batches_per_step")
+        c.one_of(self.offload_optimizer, Offload, "deepspeed.offload_optimizer")
+        c.one_of(self.offload_param, Offload, "deepspeed.offload_param")
+        c.need(self.offload_optimizer == "none" or self.zero_stage >= 1,
+               "deepspeed.offload_optimizer: needs zero_stage >= 1 (the states it moves are ZeRO's partitions)")
+        c.need(self.offload_param == "none" or self.zero_stage == 3,
+               "deepspeed.offload_param: needs zero_stage 3 (only ZeRO-3 partitions the parameters)")
         if self.config is not None and not Path(self.config).is_file():
             c.errors.append(f"deepspeed.config: {self.config} is not a file; give a DeepSpeed JSON or remove the key")
 

@@ -91,11 +91,15 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         ds.update(gradient_accumulation_steps=gas, train_micro_batch_size_per_gpu=1)
         ds.pop("train_batch_size", None)
         return ds
+    zero = {"stage": cfg.deepspeed.zero_stage}
+    for key in ("offload_optimizer", "offload_param"):
+        if getattr(cfg.deepspeed, key) != "none":
+            zero[key] = {"device": getattr(cfg.deepspeed, key), "pin_memory": True}
     return {
         "train_micro_batch_size_per_gpu": 1,  # one packed micro-batch (a token budget, not a sample count)
         "gradient_accumulation_steps": gas,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": cfg.deepspeed.bf16},
         "steps_per_print": 2**31 - 1,
         "zero_allow_untested_optimizer": True,
