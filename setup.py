@@ -176,9 +176,12 @@ if __name__ == "__main__":
             "train": ["deepspeed", "peft", "pyyaml", "matplotlib"],
             # the web demo (`uniref demo`); pandas comes with Gradio
             "demo": ["gradio>=6.0"],
+            # Hugging Face datasets as a training source (hf:PATH); build test tables from Arrow (see tests)
+            "data": ["datasets>=5.2"],
             # the demo's tests drive Debian's chromium + chromium-driver (apt) through Selenium
             "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers",
-                     "deepspeed", "peft", "pyyaml", "matplotlib", "gradio>=6.0", "selenium>=4.11"],
+                     "deepspeed", "peft", "pyyaml", "matplotlib", "gradio>=6.0", "selenium>=4.11",
+                     "datasets>=5.2", "ruff"],
             "qwen": ["transformers"],
             "triton": ["triton"],
         },
