@@ -41,13 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from uniref.data import DatasetError
     from uniref.training.checkpoint import CheckpointError
     from uniref.training.rundir import RunFolderError
     from uniref.training.trainer import train
 
     try:
         train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, CheckpointError, RunFolderError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, RunFolderError, DatasetError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:

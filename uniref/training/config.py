@@ -71,6 +71,7 @@ AdvStd = Literal["group", "batch"]
 PhaseData = Literal["compose", "edit", "mixed"]
 ZeroStage = Literal[0, 1, 2, 3]
 Offload = Literal["none", "cpu"]
+BadRow = Literal["error", "skip"]
 
 MAX_SEED = 2**32 - 1  # numpy's and most samplers' seed range; every seed of a run derives from this one
 
@@ -255,9 +256,17 @@ def _check_pipeline_folder(c: _Checks, key: str, folder: Path, fix: str) -> None
 
 @dataclass
 class DataConfig:
-    """The synthetic world's training stream (`uniref.synthetic.SyntheticEditDataset`, split "train")."""
+    """The training data: the synthetic world's stream (`uniref.synthetic.SyntheticEditDataset`, split
+    "train"), or a dataset of one of the layouts `uniref.data.open_dataset` reads."""
 
-    size: int = 64  # the target's side in pixels (references are planned from their own sizes)
+    # synthetic, or diffsynth:PATH | musubi:PATH | aitoolkit:PATH | hf:PATH (see uniref.data)
+    source: str = "synthetic"
+    root: str | None = None  # the folder the dataset's paths are relative to (default: the metadata's folder)
+    keys: dict = field(default_factory=dict)  # field / column / folder names of the source (see uniref.data)
+    # a row that cannot be read: error (stop with its id and reason) or skip (logged to OUTPUT/skipped_rows.jsonl)
+    on_bad_row: BadRow = "error"
+    allow_outside_root: bool = False  # let metadata name files outside data.root (../ or absolute paths)
+    size: int = 64  # the synthetic target's side in pixels (references are planned from their own sizes)
     compose_ratio: float = 0.5  # fraction of compositions; the rest are single-image edits
     num_refs: list[int] = field(default_factory=lambda: [2, 6])  # [min, max] references of a composition, in 2..6
     edit_kinds: list[str] | None = None  # the edit families drawn (None: all of `uniref.synthetic.EDIT_KINDS`)
@@ -265,8 +274,13 @@ class DataConfig:
     length: int | None = None
 
     def check(self, c: _Checks) -> None:
+        from uniref.data import SPEC_KINDS
         from uniref.synthetic import EDIT_KINDS
 
+        kind, _, path = self.source.partition(":") if isinstance(self.source, str) else ("", "", "")
+        c.need(kind in SPEC_KINDS and (kind == "synthetic") != bool(path),
+               f"data.source: must be synthetic or one of {[k + ':PATH' for k in SPEC_KINDS[1:]]}, got {self.source!r}")
+        c.one_of(self.on_bad_row, BadRow, "data.on_bad_row")
         c.int_at_least(self.size, "data.size", 32)
         c.number(self.compose_ratio, "data.compose_ratio", 0.0, 1.0)
         c.ref_range(self.num_refs, "data.num_refs")
@@ -532,6 +546,8 @@ class TrainConfig:
         if self.task == "vae":
             c.need(not sources,
                    f"model: a vae task trains its own autoencoder (the vae section); remove model.{sources}")
+            c.need(self.data.source == "synthetic",
+                   "data.source: a vae task trains on the synthetic world's images; set data.source: synthetic")
         else:
             c.need(len(sources) == 1,
                    f"model: give exactly one of preset, pretrained, qwen_image_edit (got {sources or 'none'})")
@@ -570,6 +586,14 @@ class TrainConfig:
         errors: list[str] = []
         c = _Checks(errors)
         self.model.check_files(c)
+        if self.data.source != "synthetic":
+            from uniref.data import DatasetError, open_dataset
+
+            try:
+                rows = len(open_dataset(self.data.source, self.data.root, self.data.keys, self.data.allow_outside_root))
+                c.need(rows > 0, f"data.source {self.data.source}: the dataset has no rows")
+            except DatasetError as exc:
+                c.errors.append(f"data.source: {exc}")
         if self.task == "sft" and not errors:
             limit, why = _token_limit(self.model, self.deepspeed.bf16)
             if limit is not None:

@@ -44,9 +44,44 @@ class MicroBatch:
         return sum(it.tokens for it in self.items)
 
 
-def make_dataset(data_cfg, seed: int) -> SyntheticEditDataset:
-    """The training stream of a config's ``data`` section: endless, or ``data.length`` items that
-    `plan_micro_batches` cycles through."""
+class RecordItems(torch.utils.data.Dataset):
+    """The rows of a `uniref.data` dataset as training items (the synthetic stream's item dicts): uint8
+    ``target`` and ``references``, ``reference_sizes``, ``prompt``. A row without a target, or one that cannot
+    be read, raises `uniref.data.DatasetError` naming it."""
+
+    def __init__(self, records, length: int | None = None):
+        self.records, self.length = records, length
+
+    def __len__(self) -> int:
+        return min(len(self.records), self.length or len(self.records))
+
+    def __getitem__(self, i: int) -> dict:
+        from uniref.data import DatasetError
+
+        record = self.records[i]
+        if record.target is None:
+            raise DatasetError(f"row {i} (id {record.id}): no target image, which supervised training needs")
+        target, refs = record.tensors()
+        return {"target": target, "references": refs, "reference_sizes": [tuple(r.shape[1:]) for r in refs],
+                "prompt": record.prompt, "id": record.id}
+
+
+def make_dataset(data_cfg, seed: int):
+    """The training stream of a config's ``data`` section: the synthetic world, endless or ``data.length``
+    items that `plan_micro_batches` cycles through; or the rows of ``data.source`` (`RecordItems`).
+
+    Raises:
+        uniref.data.DatasetError: a source that cannot be opened (missing path, unreadable metadata).
+    """
+    if data_cfg.source != "synthetic":
+        from uniref.data import open_dataset
+
+        records = open_dataset(data_cfg.source, data_cfg.root, data_cfg.keys, data_cfg.allow_outside_root)
+        if not len(records):
+            from uniref.data import DatasetError
+
+            raise DatasetError(f"data.source {data_cfg.source}: the dataset has no rows")
+        return RecordItems(records, data_cfg.length)
     return SyntheticEditDataset(
         split="train",
         length=data_cfg.length or 2**62,
@@ -71,17 +106,33 @@ def plan_micro_batches(
     budget_mode: str,
     token_budget: int,
     multiple: int = 16,
+    skip=None,
 ) -> tuple[list[MicroBatch], int]:
     """Fills ``count`` micro-batches from the stream at ``cursor``, each up to ``token_budget`` image tokens.
 
     Samples go in stream order: a micro-batch closes when the next sample would not fit (a sample larger
-    than the whole budget goes alone). Returns the micro-batches and the cursor after them.
+    than the whole budget goes alone). ``skip(index, error)``: called for a row that cannot be read, which is
+    then passed over (without it, the `uniref.data.DatasetError` propagates). Returns the micro-batches and
+    the cursor after them.
     """
+    from uniref.data import DatasetError
+
     batches: list[MicroBatch] = []
     current: list[TrainItem] = []
-    used = 0
+    used, bad_in_a_row = 0, 0
     while True:
-        item = dataset[cursor % len(dataset)]
+        try:
+            item = dataset[cursor % len(dataset)]
+        except DatasetError as exc:
+            if skip is None:
+                raise
+            skip(cursor % len(dataset), exc)
+            cursor += 1
+            bad_in_a_row += 1
+            if bad_in_a_row >= len(dataset):
+                raise DatasetError(f"every row of the dataset is bad (the last: {exc})") from None
+            continue
+        bad_in_a_row = 0
         planned = plan_reference_sizes(item["reference_sizes"], pixel_budget, multiple=multiple, mode=budget_mode)
         n = sample_tokens(tuple(item["target"].shape[1:]), planned, multiple)
         if current and used + n > token_budget:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import shutil
 from pathlib import Path
@@ -207,10 +208,18 @@ class SftTask(_PipelineTask):
         stage = _stage_at(cfg.sft.stages, step)
         budget = cfg.sft.stages[stage].pixel_budget
         dataset = make_dataset(cfg.data, cfg.seed)
+        skipped: list[dict] = []
+        skip = None
+        if cfg.data.on_bad_row == "skip":
+            def skip(i, exc):
+                skipped.append({"step": step, "row": i, "reason": str(exc)})
         batches, cursor = plan_micro_batches(
             dataset, state["cursor"], gas * world, budget, cfg.sft.budget_mode, cfg.sft.token_budget,
-            multiple=pipe.vae_scale_factor * pipe.patch_size,
+            multiple=pipe.vae_scale_factor * pipe.patch_size, skip=skip,
         )
+        if skipped and rank == 0:  # every rank plans the same global list: one of them records it
+            with open(Path(cfg.output) / "skipped_rows.jsonl", "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in skipped)
         mine = batches[rank::world]
         losses, tokens, samples = [], 0, 0
         for mb in mine:
