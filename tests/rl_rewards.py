@@ -19,3 +19,15 @@ def nan_reward(tasks, images: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(len(tasks), 2)
     out[-1, 0] = float("nan")
     return out
+
+
+def records_seen(records, images: torch.Tensor) -> torch.Tensor:
+    """1 where the reward received a dataset row (an `EditRecord` with its prompt and references), and the
+    images' mean brightness: a second source that varies."""
+    from uniref.data import EditRecord
+
+    seen = torch.tensor([float(isinstance(r, EditRecord) and bool(r.prompt) and bool(r.references)) for r in records])
+    return torch.stack([seen, images.mean((1, 2, 3))], dim=1)
+
+
+records_seen.names = ("from_a_row", "brightness")

@@ -62,3 +62,23 @@ def test_bad_rows_stop_the_run_or_are_skipped_and_logged(tmp_path):
     proc = run(write(tmp_path, _config(source=f"diffsynth:{tmp_path / 'nope.jsonl'}"), "nope.yaml"),
                tmp_path / "nope", check=False)
     assert proc.returncode == 2 and "data.source" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_msgrpo_over_a_diffsynth_dataset_with_a_module_reward(tmp_path):
+    """Rollout prompts and references come from the dataset's rows (their targets unused); the reward
+    receives the rows and the decoded outputs: ``reward(records, images)``."""
+    from training_helpers import MSGRPO
+
+    from uniref.training.metrics import read_metrics
+
+    stream = make_dataset(load_config(base=_config()).data, SFT["seed"])
+    _write_diffsynth(tmp_path / "data", [stream[i] for i in range(N)])
+    cfg = json.loads(json.dumps(MSGRPO))
+    cfg["data"]["source"] = f"diffsynth:{tmp_path / 'data' / 'meta.jsonl'}"
+    cfg["msgrpo"].update(phases=[{"data": "compose", "steps": 2}], reward="rl_rewards:records_seen")
+    run(write(tmp_path, cfg), tmp_path / "out")
+    metrics = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert len(metrics) == 2 and all(m["reward/from_a_row"] == 1.0 for m in metrics)
+    cfg["msgrpo"]["reward"] = "synthetic"
+    proc = run(write(tmp_path, cfg, "synthetic_reward.yaml"), tmp_path / "bad", check=False)
+    assert proc.returncode == 2 and "the synthetic reward scores the synthetic world's tasks only" in proc.stderr

@@ -15,6 +15,7 @@ Every noise tensor is keyed by (seed, step, global sample index), so ranks and r
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,17 +26,18 @@ from torch import Tensor
 from uniref.grpo import flow_grpo_loss, group_advantages
 from uniref.packing import pack_latents, unpack_latents
 from uniref.sampling import SamplingBatch, Schedule, denoise, euler_step, make_schedule, sde_step_with_logprob
-from uniref.synthetic import EDIT_KINDS, Task, sample_task
+from uniref.synthetic import EDIT_KINDS, sample_task
 from uniref.training.collective import all_finite, global_mean
 from uniref.training.modules import PromptBatch
 from uniref.training.seeding import generator_for, seed_for
 
-__all__ = ["Rollout", "RewardFn", "load_reward", "phase_at", "rollout", "rollout_tasks", "train_on_rollout", "window"]
+__all__ = ["Rollout", "RolloutPrompt", "RewardFn", "load_reward", "phase_at", "rollout", "rollout_tasks", "train_on_rollout", "window"]
 
 
 @dataclass
 class RewardFn:
-    """A multi-source reward: ``fn(tasks, images (N, 3, H, W) float in [0, 1]) -> (N, S)``, its source
+    """A multi-source reward: ``fn(records, images (N, 3, H, W) float in [0, 1]) -> (N, S)`` (records: the
+    synthetic world's `Task` objects, or a dataset's `uniref.data.EditRecord` rows), its source
     names, and the overall score logged beside the sources."""
 
     fn: Callable
@@ -76,8 +78,33 @@ def window(msgrpo_cfg) -> range:
     return range(start, stop)
 
 
-def rollout_tasks(msgrpo_cfg, data_cfg, seed: int, step: int) -> list[Task]:
-    """The step's global list of tasks, one per group. With ``prompt_pool`` they cycle through a fixed pool."""
+@dataclass
+class RolloutPrompt:
+    """What a group of rollouts is sampled from: a prompt, its reference images, the target side, and the
+    record it came from (a synthetic `Task`, or a dataset row's `uniref.data.EditRecord`), which the rewards
+    receive: ``reward(records, images)``."""
+
+    record: object
+    prompt: str
+    images: list
+    size: int
+
+
+def rollout_tasks(msgrpo_cfg, data_cfg, seed: int, step: int) -> list[RolloutPrompt]:
+    """The step's global list of prompts, one per group: synthetic tasks of the step's phase, or rows of
+    ``data.source`` (drawn by a generator keyed by the step, so ranks and resumes agree; targets optional).
+    With ``prompt_pool`` they cycle through a fixed pool."""
+    if data_cfg.source != "synthetic":
+        records = _records(data_cfg.source, data_cfg.root, tuple(sorted(data_cfg.keys.items())),
+                           data_cfg.allow_outside_root)
+        out = []
+        for j in range(msgrpo_cfg.prompts_per_step):
+            index = step * msgrpo_cfg.prompts_per_step + j
+            if msgrpo_cfg.prompt_pool is not None:
+                index %= msgrpo_cfg.prompt_pool
+            record = records[seed_for(seed, "rl-row", index) % len(records)]
+            out.append(RolloutPrompt(record, record.prompt, record.reference_images(), data_cfg.size))
+        return out
     phase = phase_at(msgrpo_cfg, step)
     lo, hi = phase.num_refs or data_cfg.num_refs
     kinds = list(data_cfg.edit_kinds or EDIT_KINDS)
@@ -93,18 +120,26 @@ def rollout_tasks(msgrpo_cfg, data_cfg, seed: int, step: int) -> list[Task]:
         task_seed = int(torch.randint(0, 2**62, (1,), generator=rng))
         if family == "compose":
             k = int(torch.randint(lo, hi + 1, (1,), generator=rng))
-            tasks.append(sample_task(task_seed, "compose", k, data_cfg.size, "train"))
+            task = sample_task(task_seed, "compose", k, data_cfg.size, "train")
         else:
             kind = kinds[int(torch.randint(0, len(kinds), (1,), generator=rng))]
-            tasks.append(sample_task(task_seed, kind, None, data_cfg.size, "train"))
+            task = sample_task(task_seed, kind, None, data_cfg.size, "train")
+        tasks.append(RolloutPrompt(task, task.prompt, list(task.images), task.spec.size))
     return tasks
+
+
+@functools.lru_cache(maxsize=4)
+def _records(source: str, root, keys: tuple, allow_outside_root: bool):
+    from uniref.data import open_dataset
+
+    return open_dataset(source, root, dict(keys), allow_outside_root)
 
 
 @dataclass
 class Rollout:
     """This rank's share of a step's rollouts (N local samples, all with one target size)."""
 
-    tasks: list[Task]
+    tasks: list[RolloutPrompt]
     group_ids: Tensor  # (N,) global task index
     prompts: PromptBatch  # encoded once: N conditional prompts, then N negative ones with guidance
     batch: SamplingBatch
@@ -150,7 +185,7 @@ def _model_fn(model, prompts: PromptBatch):
 
 
 @torch.no_grad()
-def rollout(engine, pipe, tasks: list[Task], msgrpo_cfg, seed: int, step: int, rank: int, world: int) -> Rollout:
+def rollout(engine, pipe, tasks: list[RolloutPrompt], msgrpo_cfg, seed: int, step: int, rank: int, world: int) -> Rollout:
     """Samples this rank's share of ``len(tasks) * group_size`` rollouts with per-step log-probs."""
     g_size = msgrpo_cfg.group_size
     n = len(tasks) * g_size // world
@@ -168,7 +203,7 @@ def rollout(engine, pipe, tasks: list[Task], msgrpo_cfg, seed: int, step: int, r
             t = tasks[ti]
             sizes = pipe.plan_sizes([t.images], msgrpo_cfg.pixel_budget, msgrpo_cfg.budget_mode, None, None)[0][1]
             encoded[ti] = [z.to(device, dtype) for z in pipe.encode_sized(list(t.images), sizes)]
-    size = {t.spec.size for t in local_tasks}
+    size = {t.size for t in local_tasks}
     if len(size) != 1:
         raise ValueError(f"MSGRPO needs one target size per rollout batch, got {sorted(size)}")
     side = size.pop()
@@ -210,7 +245,7 @@ def rollout(engine, pipe, tasks: list[Task], msgrpo_cfg, seed: int, step: int, r
 
 def score_rollout(ro: Rollout, reward: RewardFn, msgrpo_cfg) -> dict:
     """Fills ``ro.rewards`` and ``ro.advantages`` (collective over ranks); returns the reward statistics."""
-    rewards = reward.fn(ro.tasks, ro.images.cpu())
+    rewards = reward.fn([t.record for t in ro.tasks], ro.images.cpu())
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     if rewards.ndim == 1:
         rewards = rewards[:, None]
