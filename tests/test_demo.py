@@ -217,7 +217,8 @@ def test_page_plan_shows_both_modes_and_names_bad_uploads(handlers, tmp_path):
     table, previews, note, message = handlers["plan_view"](paths, 16384, 0, 0)
     assert list(table["image"]) == ["ref 1", "ref 2", "ref 3", "output", "total"]
     assert [caption for _, caption in previews] == ["image 1", "image 2", "image 3"]
-    assert "**320** tokens with SELF's global budget, **840** with a budget per image" in note
+    # the planner's numbers for the three 64 px references (per image: 128^2 each, diffusers' 32-px rounding)
+    assert "**320** tokens with SELF's global budget, **800** with a budget per image" in note
     assert message == ""
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"garbage")
