@@ -171,3 +171,30 @@ def test_in_memory_images_are_rgb_with_alpha_on_white():
     assert second.mode == "RGB" and second.getpixel((1, 1)) == (7, 7, 7)
     target, refs = EditRecord("b", "p", [rgba], PIL.Image.new("RGB", (5, 6))).tensors()
     assert target.shape == (3, 6, 5) and refs[0].shape == (3, 3, 4)
+
+
+def test_check_reports_the_summary_and_every_bad_row(tmp_path, rows):
+    from uniref.data import check_dataset
+
+    write_diffsynth(tmp_path, rows, "jsonl")
+    meta = tmp_path / "meta.jsonl"
+    lines = meta.read_text().splitlines()
+    (tmp_path / "img" / "zero.png").write_bytes(b"")
+    (tmp_path / "img" / "cut.png").write_bytes((tmp_path / "img" / "0.png").read_bytes()[:60])
+    lines += [json.dumps({"image": "img/0.png", "edit_image": ["img/zero.png"], "prompt": "a"}),
+              json.dumps({"image": "img/0.png", "edit_image": ["img/cut.png"], "prompt": "b"}),
+              json.dumps({"image": "img/0.png", "edit_image": [], "prompt": " "}),
+              json.dumps({"edit_image": ["img/0.png"], "prompt": "no target"})]
+    meta.write_text("\n".join(lines) + "\n")
+    report = check_dataset(f"diffsynth:{meta}", pixel_budgets=[4096, 16384], multiple=8)
+    assert report.rows == N + 4 and [row for row, _ in report.bad] == [5, 6, 7, 8]
+    reasons = [reason for _, reason in report.bad]
+    assert "is empty" in reasons[0] and "cut.png" in reasons[1] and "empty prompt" in reasons[2]
+    assert "no target image" in reasons[3]
+    assert sum(report.references.values()) == N and report.references[0] == 1  # the text-to-image row
+    text = report.format()
+    assert f"{N + 4} rows, {N} readable, 4 bad" in text and "(per_image)" in text and "bad row 8:" in text
+    self_tokens, per_image = report.tokens[(16384, "global")], report.tokens[(16384, "per_image")]
+    assert max(self_tokens) <= 16384 // 64 + 64 // 8 * 64 // 8  # SELF: the budget bounds the references
+    assert sum(per_image) > sum(self_tokens)
+    assert not check_dataset(f"diffsynth:{meta}", require_target=False).bad[3:]

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from uniref.packing import plan_reference_sizes
+from uniref.packing import fit_area, plan_reference_sizes
 from uniref.synthetic import EDIT_KINDS, SyntheticEditDataset
 
 __all__ = ["MicroBatch", "TrainItem", "encode_micro_batch", "make_dataset", "plan_micro_batches", "sample_tokens"]
@@ -133,6 +134,7 @@ def plan_micro_batches(
                 raise DatasetError(f"every row of the dataset is bad (the last: {exc})") from None
             continue
         bad_in_a_row = 0
+        item = {**item, "target": _fit_target(item["target"], multiple)}
         planned = plan_reference_sizes(item["reference_sizes"], pixel_budget, multiple=multiple, mode=budget_mode)
         n = sample_tokens(tuple(item["target"].shape[1:]), planned, multiple)
         if current and used + n > token_budget:
@@ -143,6 +145,17 @@ def plan_micro_batches(
         current.append(TrainItem(cursor, item["prompt"], item["target"], item["references"], planned, n))
         used += n
         cursor += 1
+
+
+def _fit_target(target: Tensor, multiple: int) -> Tensor:
+    """A uint8 ``(3, H, W)`` target whose sides are not multiples of ``multiple`` (the model's pixels per token)
+    resized to the nearest sides that are, at about the same area (as `uniref.packing.fit_area`)."""
+    h, w = target.shape[1:]
+    if h % multiple == 0 and w % multiple == 0:
+        return target
+    th, tw = fit_area((h, w), h * w, multiple)
+    pil = Image.fromarray(target.permute(1, 2, 0).numpy()).resize((tw, th), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).contiguous()
 
 
 @torch.no_grad()
