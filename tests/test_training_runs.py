@@ -159,6 +159,22 @@ def test_lora_run_exports_its_adapters_that_reproduce_the_merged_model_and_start
     assert proc.returncode == 2 and "model.lora.export: ['ckpt'] are not LoRA formats" in proc.stderr
 
 
+def test_lora_on_a_float8_base_trains_and_exports_a_plain_model(tmp_path):
+    from uniref.pipelines import UniRefEditPipeline
+
+    cfg = json.loads(json.dumps(MSGRPO))
+    cfg["model"].update(lora={"rank": 4, "alpha": 8}, base_dtype="float8_e4m3fn")
+    cfg["msgrpo"]["phases"] = [{"data": "compose", "steps": 2}]
+    run(write(tmp_path, cfg), tmp_path / "out")
+    pipe = UniRefEditPipeline.from_pretrained(tmp_path / "out" / "final")
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float32}
+    assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    bad = json.loads(json.dumps(cfg))
+    del bad["model"]["lora"]
+    proc = run(write(tmp_path, bad, "bad.yaml"), tmp_path / "bad", check=False)
+    assert proc.returncode == 2 and "model.base_dtype: an 8-bit base is frozen, so it needs model.lora" in proc.stderr
+
+
 @pytest.mark.parametrize("stage, bf16", [(3, False), (1, True)])
 def test_zero_stages_and_bf16_run_and_export(tmp_path, stage, bf16):
     from uniref.pipelines import UniRefEditPipeline

@@ -72,6 +72,7 @@ PhaseData = Literal["compose", "edit", "mixed"]
 ZeroStage = Literal[0, 1, 2, 3]
 Offload = Literal["none", "cpu"]
 BadRow = Literal["error", "skip"]
+BaseDtype = Literal["auto", "float8_e4m3fn"]
 
 MAX_SEED = 2**32 - 1  # numpy's and most samplers' seed range; every seed of a run derives from this one
 
@@ -160,12 +161,18 @@ class ModelConfig:
     checkpoint_every_k_blocks: int = 1
     attention_backend: str = "auto"  # a `uniref.varlen_attention` backend, or auto (the fastest available)
     lora: LoraConfig | None = None  # train LoRA adapters instead of the whole transformer
+    # the frozen base under LoRA: auto (as loaded) or float8_e4m3fn (1 byte per weight, a scale per output
+    # channel, computed in the input's dtype; uniref.models.float8)
+    base_dtype: BaseDtype = "auto"
 
     def check(self, c: _Checks) -> None:
         from uniref.attention import BACKENDS
         from uniref.presets import CONFIGS
 
         c.int_at_least(self.checkpoint_every_k_blocks, "model.checkpoint_every_k_blocks")
+        c.one_of(self.base_dtype, BaseDtype, "model.base_dtype")
+        c.need(self.base_dtype == "auto" or self.lora is not None,
+               "model.base_dtype: an 8-bit base is frozen, so it needs model.lora (adapters to train)")
 
         if self.vae is not None:
             c.need(self.preset is not None, "model.vae: replaces a preset's VAE; a pretrained pipeline keeps its own")

@@ -12,7 +12,14 @@ from torch import Tensor, nn
 
 from uniref.packing import SequenceLayout, cu_seqlens_from_lengths
 
-__all__ = ["EditModel", "PromptBatch", "adapters_disabled", "build_pipeline", "merged_pipeline"]
+__all__ = ["EditModel", "PromptBatch", "adapters_disabled", "build_pipeline", "compute_dtype", "merged_pipeline"]
+
+_STORAGE_ONLY = (torch.float8_e4m3fn, torch.float8_e5m2)  # weights stored in 8 bits, computed in another dtype
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes in: its parameters' dtype, 8-bit storage (a float8 base) aside."""
+    return next(p.dtype for p in module.parameters() if p.dtype not in _STORAGE_ONLY)
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,8 @@ class EditModel(nn.Module):
     prompts on the way (with gradients when the text encoder trains).
     """
 
-    def __init__(self, transformer: nn.Module, text_encoder: nn.Module, train_text_encoder: bool, lora=None):
+    def __init__(self, transformer: nn.Module, text_encoder: nn.Module, train_text_encoder: bool, lora=None,
+                 base_dtype: str = "auto"):
         super().__init__()
         if lora is not None:
             from peft import LoraConfig, inject_adapter_in_model
@@ -96,6 +104,10 @@ class EditModel(nn.Module):
             from uniref.lora import inject_lora, read_lora
 
             transformer.requires_grad_(False)
+            if base_dtype == "float8_e4m3fn":  # before the adapters: they wrap the 8-bit layers
+                from uniref.models.float8 import quantize_linears
+
+                quantize_linears(transformer, compute_dtype=compute_dtype(transformer))
             if lora.init is not None:  # further training of a LoRA made here or elsewhere
                 inject_lora(transformer, read_lora(lora.init)[0])
             else:
@@ -134,7 +146,7 @@ class EditModel(nn.Module):
             embeds, lengths = self.encode_prompts(prompts.texts, prompts.images)
         else:
             embeds, lengths = prompts.embeds, prompts.lengths
-        dtype = next(self.transformer.parameters()).dtype
+        dtype = compute_dtype(self.transformer)
         return self.transformer(hidden_states.to(dtype), embeds.to(dtype), timestep.to(dtype), layout, lengths)
 
 
@@ -159,8 +171,11 @@ def merged_pipeline(pipe, model: EditModel, pixel_budget: int | None = None):
     import copy
 
     from uniref.lora import merge_adapters
+    from uniref.models.float8 import dequantize_linears
 
-    transformer = merge_adapters(copy.deepcopy(model.transformer).float().eval())
+    transformer = copy.deepcopy(model.transformer)
+    dequantize_linears(transformer)  # an 8-bit base goes back to plain layers before the adapters merge into it
+    transformer = merge_adapters(transformer.float().eval())
     transformer.requires_grad_(False)
     text_encoder = copy.deepcopy(model.text_encoder).float().eval().requires_grad_(False)
     from uniref.pipelines.edit import UniRefEditPipeline

@@ -28,7 +28,7 @@ from uniref.packing import pack_latents, unpack_latents
 from uniref.sampling import SamplingBatch, Schedule, denoise, euler_step, make_schedule, sde_step_with_logprob
 from uniref.synthetic import EDIT_KINDS, sample_task
 from uniref.training.collective import all_finite, global_mean
-from uniref.training.modules import PromptBatch
+from uniref.training.modules import PromptBatch, compute_dtype
 from uniref.training.seeding import generator_for, seed_for
 
 __all__ = ["Rollout", "RolloutPrompt", "RewardFn", "load_reward", "phase_at", "rollout", "rollout_tasks", "train_on_rollout", "window"]
@@ -173,10 +173,6 @@ def _per_sample(x: Tensor, n: int) -> Tensor:
     return x.reshape(n, -1, x.shape[-1])
 
 
-def _param_dtype(engine) -> torch.dtype:
-    return next(engine.module.parameters()).dtype
-
-
 def _model_fn(model, prompts: PromptBatch):
     def fn(hidden, t, layout):
         return model(hidden, t, layout, prompts)
@@ -192,7 +188,7 @@ def rollout(engine, pipe, tasks: list[RolloutPrompt], msgrpo_cfg, seed: int, ste
     rows = list(range(rank * n, (rank + 1) * n))
     local_tasks = [tasks[r // g_size] for r in rows]
     device = pipe.vae.device
-    dtype = _param_dtype(engine)
+    dtype = compute_dtype(engine.module)
 
     # references: planned under the pixel budget, encoded once per task
     f, p = pipe.vae_scale_factor, pipe.patch_size
@@ -294,7 +290,7 @@ def _update(engine, ro: Rollout, msgrpo_cfg, ref_model, adapters_off) -> dict:
     """One optimizer step on the rollouts ``ro``; returns this rank's loss statistics."""
     n = len(ro.tasks)
     model_fn = _model_fn(engine, ro.prompts)
-    dtype = _param_dtype(engine)
+    dtype = compute_dtype(engine.module)
     adv = ro.advantages.to(ro.states[0].device)
     stats = {"loss": [], "clip_fraction": [], "kl": [], "ratio": []}
     for k in sorted(ro.log_probs):

@@ -141,7 +141,7 @@ class _PipelineTask:
 
         m = self.cfg.model
         self.pipe = build_pipeline(m, self.cfg.seed).to(device)
-        return EditModel(self.pipe.transformer, self.pipe.text_encoder, m.train_text_encoder, m.lora)
+        return EditModel(self.pipe.transformer, self.pipe.text_encoder, m.train_text_encoder, m.lora, m.base_dtype)
 
     def export_budget(self) -> int | None:
         """The reference budget the model trained with (the exported pipeline's default), None if per image."""
