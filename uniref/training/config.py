@@ -555,13 +555,13 @@ class TrainConfig:
                    f"model: a vae task trains its own autoencoder (the vae section); remove model.{sources}")
             c.need(self.data.source == "synthetic",
                    "data.source: a vae task trains on the synthetic world's images; set data.source: synthetic")
+        else:
+            c.need(len(sources) == 1,
+                   f"model: give exactly one of preset, pretrained, qwen_image_edit (got {sources or 'none'})")
         if self.task == "msgrpo" and self.data.source != "synthetic":
             c.need(self.msgrpo.reward != "synthetic",
                    "msgrpo.reward: the synthetic reward scores the synthetic world's tasks only; with data.source "
                    f"{self.data.source!r} give a reward for its rows (module:function, called as fn(records, images))")
-        else:
-            c.need(len(sources) == 1,
-                   f"model: give exactly one of preset, pretrained, qwen_image_edit (got {sources or 'none'})")
         m.check(c)
         self.data.check(c)
         self.optim.check(c)
