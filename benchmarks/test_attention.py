@@ -16,11 +16,12 @@ extra_info["speedup_vs"] once every entry of its group has run (benchmarks/conft
 
 import pytest
 import torch
-from attention_peers import attention_flops, fwd_bwd_step, padded_sdpa_attention
-from ratios import record
 
 import uniref
 from uniref.testing.attention import make_varlen_inputs, varlen_attention_reference
+
+from attention_peers import attention_flops, fwd_bwd_step, padded_sdpa_attention
+from ratios import record
 
 LENGTHS = (1187, 311, 903, 642)
 HEADS, HEAD_DIM = 8, 64

@@ -13,10 +13,11 @@ peers' median / ours in extra_info["speedup_vs"] once every entry of its group h
 import numpy as np
 import pytest
 import torch
-from ratios import record
 
 import uniref.grpo as grpo
 from uniref.testing.grpo import flow_grpo_loss_reference, group_advantages_reference
+
+from ratios import record
 
 N, TOKENS, CHANNELS = 24, 1024, 64
 
@@ -130,6 +131,7 @@ ADV_IMPLS = {
 def test_group_advantages(benchmark, impl):
     rewards, ids, weights = advantage_batch()
     adv = ADV_IMPLS[impl](rewards, ids, weights)
-    torch.testing.assert_close(adv.double(), advantages_numpy_loop(rewards, ids, weights).double(), rtol=1e-4, atol=1e-4)
+    expected = advantages_numpy_loop(rewards, ids, weights).double()
+    torch.testing.assert_close(adv.double(), expected, rtol=1e-4, atol=1e-4)
     benchmark(ADV_IMPLS[impl], rewards, ids, weights)
     record(benchmark, "advantages", impl)

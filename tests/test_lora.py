@@ -9,8 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from uniref.lora import (LoraError, LoraWeights, adapter_weights, convert_lora, inject_lora, merge_adapters,
-                         read_lora, write_lora)
+from uniref.lora import (
+    LoraError,
+    LoraWeights,
+    adapter_weights,
+    convert_lora,
+    inject_lora,
+    merge_adapters,
+    read_lora,
+    write_lora,
+)
 from uniref.models.transformer import UniRefTransformer2DModel
 
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -26,8 +34,8 @@ def random_lora(model, seed=0, modules=None) -> LoraWeights:
     out = {}
     for i, name in enumerate(names):
         m, r = linears[name], 2 + i % 3
-        out[name] = (torch.randn(r, m.in_features, generator=g) * 0.3, torch.randn(m.out_features, r, generator=g) * 0.3,
-                     float(r * (1 + i % 2)))
+        a, b = torch.randn(r, m.in_features, generator=g), torch.randn(m.out_features, r, generator=g)
+        out[name] = (a * 0.3, b * 0.3, float(r * (1 + i % 2)))
     return LoraWeights(out)
 
 
@@ -42,7 +50,8 @@ def test_kohya_to_diffusers_to_kohya_is_bitwise(model, tmp_path):
     convert_lora(tmp_path / "k", tmp_path / "d", "diffusers")
     convert_lora(tmp_path / "d", tmp_path / "p", "peft")
     convert_lora(tmp_path / "p", tmp_path / "k2", "kohya")
-    first, again = load_file(tmp_path / "k" / "lora_kohya.safetensors"), load_file(tmp_path / "k2" / "lora_kohya.safetensors")
+    first = load_file(tmp_path / "k" / "lora_kohya.safetensors")
+    again = load_file(tmp_path / "k2" / "lora_kohya.safetensors")
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     assert "lora_unet_transformer_blocks_1_attn_add_k_proj.lora_down.weight" in first
     assert "lora_unet_transformer_blocks_0_img_mlp_net_2.alpha" in first
@@ -88,8 +97,9 @@ def test_loading_a_lora_file_that_does_not_fit_is_refused(model, tmp_path):
     save_file({"unet.down.weight": torch.zeros(2, 2)}, tmp_path / "bad.safetensors")
     with pytest.raises(LoraError, match="keys of no known LoRA format"):
         read_lora(tmp_path / "bad.safetensors")
-    save_file({"lora_unet_transformer_blocks_0_attn_to_zz.lora_down.weight": torch.zeros(2, 2),
-               "lora_unet_transformer_blocks_0_attn_to_zz.lora_up.weight": torch.zeros(2, 2)}, tmp_path / "k.safetensors")
+    stem = "lora_unet_transformer_blocks_0_attn_to_zz"
+    save_file({f"{stem}.lora_down.weight": torch.zeros(2, 2), f"{stem}.lora_up.weight": torch.zeros(2, 2)},
+              tmp_path / "k.safetensors")
     with pytest.raises(LoraError, match="no module of the Qwen-Image transformer"):
         read_lora(tmp_path / "k.safetensors")
 

@@ -29,7 +29,8 @@ def sharded(qwen, tmp_path):
     folder = tmp_path / "qwen"
     qwen.to(torch.bfloat16).save_pretrained(folder, max_shard_size="40KB")
     qwen.float()
-    assert len(list(folder.glob("*.safetensors"))) > 2 and (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    assert (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
     return folder
 
 

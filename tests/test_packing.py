@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import uniref
+from uniref.testing import DEVICES
 from uniref.testing.packing import (
     concat_joint_reference,
     pack_reference,
     split_joint_reference,
     unpack_reference,
 )
-from uniref.testing import DEVICES
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -195,10 +195,9 @@ def random_joint(batch, trailing=(3, 4), seed=0, dtype=torch.float32, device="cp
     lo = 0 if empty_ok else 1
     lt = [rng.randint(lo, 9) for _ in range(batch)]
     li = [rng.randint(lo, 9) for _ in range(batch)]
-    cu = lambda ls: torch.tensor([0] + ls, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
     text = torch.randn(sum(lt), *trailing).to(dtype=dtype, device=device)
     image = torch.randn(sum(li), *trailing).to(dtype=dtype, device=device)
-    return text, cu(lt), image, cu(li)
+    return text, uniref.cu_seqlens_from_lengths(lt, device), image, uniref.cu_seqlens_from_lengths(li, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,13 +8,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import uniref
 import uniref.synthetic
 from uniref.pipelines import ByteTextEncoder, DefaultModelUnavailableError, UniRefEditPipeline
-from uniref.presets import qwenimage_scheduler, random_edit_pipeline
+from uniref.presets import random_edit_pipeline
 
 
 def random_image(rng, h, w):

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
 readme_results = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(readme_results)
-END, START, main, replace_block = readme_results.END, readme_results.START, readme_results.main, readme_results.replace_block
+END, START = readme_results.END, readme_results.START
+main, replace_block = readme_results.main, readme_results.replace_block
 
 
 def test_paired_bootstrap():

@@ -83,7 +83,8 @@ def test_sampling_batch_builds_the_model_stream_without_packing_targets():
     anew, for guidance copies too, and samples without references hold no reference rows."""
     g = torch.Generator().manual_seed(0)
     target_sizes = [(4, 6), (2, 2), (6, 4)]
-    refs = [[torch.randn(3, 2, 4, generator=g), torch.randn(3, 4, 4, generator=g)], [], [torch.randn(3, 2, 2, generator=g)]]
+    refs = [[torch.randn(3, 2, 4, generator=g), torch.randn(3, 4, 4, generator=g)], [],
+            [torch.randn(3, 2, 2, generator=g)]]
     batch = SamplingBatch.build(target_sizes, refs, copies=2, patch_size=2, channels=3)
     targets = [torch.randn(3, h, w, generator=g) for h, w in target_sizes]
     state = uniref.pack_latents([[t] for t in targets]).tokens

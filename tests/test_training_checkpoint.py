@@ -13,12 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import ROOT, RUN, SFT, env, run, weights, write
 
 from uniref.training import load_config
-from uniref.training.checkpoint import (CheckpointError, _write_manifest, check_resumable, find_checkpoint,
-                                        list_checkpoints, safe_torch_load, verify_checkpoint)
+from uniref.training.checkpoint import (
+    CheckpointError,
+    _write_manifest,
+    check_resumable,
+    find_checkpoint,
+    list_checkpoints,
+    safe_torch_load,
+    verify_checkpoint,
+)
 from uniref.training.metrics import read_metrics
+
+from training_helpers import ROOT, RUN, SFT, env, run, weights, write
 
 
 def test_killed_run_resumes_bitwise(tmp_path):

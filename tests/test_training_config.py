@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from training_helpers import CONFIGS, MSGRPO, SFT, run, write
 
 from uniref.training import ConfigError, load_config
 from uniref.training.trainer import deepspeed_config
+
+from training_helpers import CONFIGS, MSGRPO, SFT, run, write
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -5,10 +5,11 @@ and logged, never dropped silently."""
 import json
 
 import torch
-from training_helpers import SFT, run, weights, write
 
 from uniref.training import load_config
 from uniref.training.data import make_dataset
+
+from training_helpers import SFT, run, weights, write
 
 N = 6
 
@@ -67,9 +68,9 @@ def test_bad_rows_stop_the_run_or_are_skipped_and_logged(tmp_path):
 def test_msgrpo_over_a_diffsynth_dataset_with_a_module_reward(tmp_path):
     """Rollout prompts and references come from the dataset's rows (their targets unused); the reward
     receives the rows and the decoded outputs: ``reward(records, images)``."""
-    from training_helpers import MSGRPO
-
     from uniref.training.metrics import read_metrics
+
+    from training_helpers import MSGRPO
 
     stream = make_dataset(load_config(base=_config()).data, SFT["seed"])
     _write_diffsynth(tmp_path / "data", [stream[i] for i in range(N)])

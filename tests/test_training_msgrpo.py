@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
-from training_helpers import MSGRPO
 
 from uniref.presets import random_edit_pipeline
 from uniref.training import load_config
 from uniref.training.modules import EditModel
 from uniref.training.msgrpo import rollout, rollout_tasks, score_rollout, train_on_rollout
+
+from training_helpers import MSGRPO
 
 # the training tests' MSGRPO run, with guidance and two minibatches
 CONFIG = json.loads(json.dumps(MSGRPO))

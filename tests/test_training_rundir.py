@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-from training_helpers import SFT, run, write
-
 from uniref.training.checkpoint import list_checkpoints
 from uniref.training.metrics import read_metrics
 from uniref.training.rundir import LOCK_FILE, RunLock
+
+from training_helpers import SFT, run, write
 
 ONE_STEP = {**SFT, "sft": {**SFT["sft"], "stages": [{"pixel_budget": 4096, "steps": 1}]},
             "checkpoint": {"every": 1, "keep_last": 2}}

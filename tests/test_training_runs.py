@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import MSGRPO, ROOT, SFT, metric, run, weights, write
 
 from uniref.training import ConfigError, load_config
 from uniref.training.metrics import read_metrics
 from uniref.training.trainer import deepspeed_config
+
+from training_helpers import MSGRPO, ROOT, SFT, metric, run, weights, write
 
 
 def test_sft_loss_falls_on_a_tiny_overfit_set(tmp_path):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from training_helpers import SFT
 
 from uniref.training import load_config
+
+from training_helpers import SFT
 
 
 def test_sft_loss_unit_and_gradient_checkpointing():

@@ -31,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # attention_peers.py
 
 import uniref  # noqa: E402
-from attention_peers import attention_flops, fwd_bwd_step, padded_sdpa_attention  # noqa: E402
-from common import bench_ms, card_header  # noqa: E402
 from uniref.attention import auto_backend, available_backends, unavailable_reason  # noqa: E402
 from uniref.attention_backends import mean_tokens_per_sample  # noqa: E402
 from uniref.testing.attention import make_varlen_inputs, varlen_attention_reference  # noqa: E402
+
+from attention_peers import attention_flops, fwd_bwd_step, padded_sdpa_attention  # noqa: E402
+from common import bench_ms, card_header  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
 BATCHES = {

@@ -22,11 +22,13 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared batches
 
-import uniref.grpo as grpo  # noqa: E402
-from common import bench_ms, card_header, copy_bandwidth_gbs  # noqa: E402
 from test_grpo import advantage_batch, advantages_numpy_loop, loss_batch  # noqa: E402
+
+import uniref.grpo as grpo  # noqa: E402
 from uniref.kernels import grpo as kernels  # noqa: E402
 from uniref.testing.grpo import flow_grpo_loss_reference, group_advantages_reference  # noqa: E402
+
+from common import bench_ms, card_header, copy_bandwidth_gbs  # noqa: E402
 
 CLIP, BETA = 1e-4, 0.04
 ON_CUDA = torch.cuda.is_available()
@@ -130,7 +132,8 @@ def main(argv=None):
         copy = copy_bandwidth_gbs(numel * size, device)
         mean = b["mean"].clone().requires_grad_()
         times = {}
-        for name, step in (("uniref (Triton)", uniref_step), ("torch eager", eager_step), ("torch.compile", compile_step)):
+        steps = (("uniref (Triton)", uniref_step), ("torch eager", eager_step), ("torch.compile", compile_step))
+        for name, step in steps:
             step(b, mean)  # warm-up (compiles)
 
             def call(step=step):
@@ -142,7 +145,8 @@ def main(argv=None):
         for name, ms in times.items():
             gbs = traffic / ms / 1e6
             speedup = "" if name.startswith("uniref") else f"{ms / ours:.1f}x"
-            row = [str(dtype).split(".")[-1], name, f"{ms:.4f}", f"{gbs:.0f}", f"{copy:.0f}", f"{gbs / copy:.2f}", speedup]
+            row = [str(dtype).split(".")[-1], name, f"{ms:.4f}", f"{gbs:.0f}", f"{copy:.0f}", f"{gbs / copy:.2f}",
+                   speedup]
             print("| " + " | ".join(row) + " |")
     rewards, ids, weights = (t.to(device) for t in advantage_batch(prompts, group))
     adv_ours = bench_ms(lambda: kernels.group_advantages(rewards, ids, weights, False, False, 1e-4, 5.0))

@@ -15,10 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared batch
 
-import uniref  # noqa: E402
-from common import bench_ms, card_header, copy_bandwidth_gbs  # noqa: E402
 from test_packing import realistic_batch  # noqa: E402
+
+import uniref  # noqa: E402
 from uniref.testing.packing import concat_joint_reference, pack_reference  # noqa: E402
+
+from common import bench_ms, card_header, copy_bandwidth_gbs  # noqa: E402
 
 
 def check(device, dtype, samples, row_shape):
@@ -35,7 +37,8 @@ def check(device, dtype, samples, row_shape):
     text = torch.randn(sum(lens_t), *row_shape, device=device, dtype=dtype)
     image = torch.randn(packed.tokens.shape[0], *row_shape, device=device, dtype=dtype)
     joint, _ = uniref.concat_joint(text, cu_t, image, packed.layout.cu_seqlens)
-    assert torch.equal(joint, concat_joint_reference(text, cu_t, image, packed.layout.cu_seqlens)), "joint_concat differs"
+    expected = concat_joint_reference(text, cu_t, image, packed.layout.cu_seqlens)
+    assert torch.equal(joint, expected), "joint_concat differs"
     return batch, packed, (text, cu_t, image)
 
 

@@ -20,9 +20,11 @@ from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared inputs
 
-from common import bench_ms, card_header  # noqa: E402
 from test_pipeline import mixed_samples, reference_images, run_one_by_one, run_packed, step_inputs  # noqa: E402
+
 from uniref.presets import random_edit_pipeline  # noqa: E402
+
+from common import bench_ms, card_header  # noqa: E402
 
 
 def seconds(fn, reps: int) -> float:

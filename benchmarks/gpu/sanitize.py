@@ -17,9 +17,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
 
 import uniref  # noqa: E402
-from common import card_header  # noqa: E402
 from uniref.attention import CUDA_DTYPES, CUDA_HEAD_DIMS  # noqa: E402
 from uniref.testing.attention import make_varlen_inputs, varlen_attention_reference  # noqa: E402
+
+from common import card_header  # noqa: E402
 
 Q_LENS, K_LENS = [1, 0, 133, 70], [3, 5, 200, 1]
 

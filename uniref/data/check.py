@@ -96,7 +96,8 @@ def check_dataset(
         target_hw = fit_area((target.height, target.width), target.height * target.width, multiple) if target else None
         for budget in pixel_budgets:
             for mode in ("global", "per_image"):
-                planned = plan_reference_sizes([(r.height, r.width) for r in refs], budget, multiple, mode) if refs else []
+                sizes = [(r.height, r.width) for r in refs]
+                planned = plan_reference_sizes(sizes, budget, multiple, mode) if refs else []
                 images = planned + ([target_hw] if target_hw else [])
                 report.tokens.setdefault((budget, mode), []).append(
                     sum((h // multiple) * (w // multiple) for h, w in images))

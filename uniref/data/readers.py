@@ -153,7 +153,8 @@ def _musubi(path: Path, root: Path | None, keys: dict, allow_outside: bool):
 
         def build(i, row):
             where = f"{path.name} row {i}"
-            controls = sorted((int(m.group(1)), v) for f, v in row.items() if (m := re.fullmatch(r"control_path_(\d+)", f)))
+            numbered = ((re.fullmatch(r"control_path_(\d+)", f), v) for f, v in row.items())
+            controls = sorted((int(m.group(1)), v) for m, v in numbered if m)
             target = row.get(keys.get("target", "image_path"))
             return EditRecord(
                 id=str(row.get("id", i)), prompt=_prompt(row.get(keys.get("prompt", "caption"), ""), where),
@@ -186,7 +187,8 @@ def _aitoolkit(path: Path, root: Path | None, keys: dict, allow_outside: bool):
     if not controls:
         raise DatasetError(f"aitoolkit:{path}: name the reference folders in data.keys.control (a list, one per slot)")
     base = root or path.parent
-    folders = [Path(c) if Path(c).is_absolute() else base / c for c in ([controls] if isinstance(controls, str) else controls)]
+    controls = [controls] if isinstance(controls, str) else controls
+    folders = [Path(c) if Path(c).is_absolute() else base / c for c in controls]
     index = [{p.stem: p for p in _images(folder)} for folder in folders]
 
     def build(i, image):

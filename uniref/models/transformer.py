@@ -235,7 +235,8 @@ class _Derived:
             torch.tensor(ids, device=device), torch.tensor(counts, device=device), output_size=sum(counts)
         )
         self.txt_segment = torch.repeat_interleave(
-            torch.arange(b, device=device), torch.tensor(list(text_lengths), device=device), output_size=sum(text_lengths)
+            torch.arange(b, device=device), torch.tensor(list(text_lengths), device=device),
+            output_size=sum(text_lengths),
         )
         self.out_segment = torch.repeat_interleave(
             torch.arange(b, device=device), torch.tensor(targets, device=device), output_size=sum(targets)
@@ -288,7 +289,9 @@ class UniRefTransformer2DModel(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         if sum(axes_dims_rope) != attention_head_dim:
-            raise ValueError(f"axes_dims_rope {tuple(axes_dims_rope)} must sum to attention_head_dim={attention_head_dim}")
+            raise ValueError(
+                f"axes_dims_rope {tuple(axes_dims_rope)} must sum to attention_head_dim={attention_head_dim}"
+            )
         if rope_scheme not in ROPE_SCHEMES:
             raise ValueError(f"rope_scheme must be one of {ROPE_SCHEMES}, got {rope_scheme!r}")
         dim = num_attention_heads * attention_head_dim

@@ -15,8 +15,10 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "same torch you import (see README.md)."
     ) from exc
 
-from uniref.ops import packing  # noqa: E402,F401
-from uniref.ops import attention  # noqa: E402,F401  (varlen attention: fake kernels, autograd)
-from uniref.ops import grpo  # noqa: E402,F401  (MSGRPO ops: CPU references, Triton on CUDA)
+from uniref.ops import (
+    attention,  # noqa: E402,F401  (varlen attention: fake kernels, autograd)
+    grpo,  # noqa: E402,F401  (MSGRPO ops: CPU references, Triton on CUDA)
+    packing,  # noqa: E402,F401
+)
 
 __all__ = ["packing"]

@@ -24,8 +24,13 @@ def tiny_qwen_edit_plus():
     bypassed while constructing it.
     """
     from diffusers import AutoencoderKLQwenImage, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer,
-                              Qwen2VLImageProcessorPil, Qwen2VLProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Tokenizer,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLProcessor,
+    )
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}

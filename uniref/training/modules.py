@@ -115,7 +115,9 @@ class EditModel(nn.Module):
                                     target_modules=list(lora.target_modules))
                 inject_adapter_in_model(config, transformer)
             if not any(p.requires_grad for p in transformer.parameters()):
-                raise ValueError(f"model.lora.target_modules {lora.target_modules} matched no module of the transformer")
+                raise ValueError(
+                    f"model.lora.target_modules {lora.target_modules} matched no module of the transformer"
+                )
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.train_text_encoder = train_text_encoder

@@ -31,7 +31,8 @@ from uniref.training.collective import all_finite, global_mean
 from uniref.training.modules import PromptBatch, compute_dtype
 from uniref.training.seeding import generator_for, seed_for
 
-__all__ = ["Rollout", "RolloutPrompt", "RewardFn", "load_reward", "phase_at", "rollout", "rollout_tasks", "train_on_rollout", "window"]
+__all__ = ["Rollout", "RolloutPrompt", "RewardFn", "load_reward", "phase_at", "rollout", "rollout_tasks",
+           "train_on_rollout", "window"]
 
 
 @dataclass
@@ -181,7 +182,9 @@ def _model_fn(model, prompts: PromptBatch):
 
 
 @torch.no_grad()
-def rollout(engine, pipe, tasks: list[RolloutPrompt], msgrpo_cfg, seed: int, step: int, rank: int, world: int) -> Rollout:
+def rollout(
+    engine, pipe, tasks: list[RolloutPrompt], msgrpo_cfg, seed: int, step: int, rank: int, world: int
+) -> Rollout:
     """Samples this rank's share of ``len(tasks) * group_size`` rollouts with per-step log-probs."""
     g_size = msgrpo_cfg.group_size
     n = len(tasks) * g_size // world
@@ -246,7 +249,8 @@ def score_rollout(ro: Rollout, reward: RewardFn, msgrpo_cfg) -> dict:
     if rewards.ndim == 1:
         rewards = rewards[:, None]
     if rewards.ndim != 2 or rewards.shape[0] != len(ro.tasks):
-        raise ValueError(f"msgrpo.reward returned shape {tuple(rewards.shape)}; it must return (N, S) for N = {len(ro.tasks)}")
+        raise ValueError(f"msgrpo.reward returned shape {tuple(rewards.shape)}; it must return (N, S) for "
+                         f"N = {len(ro.tasks)}")
     weights = msgrpo_cfg.reward_weights
     if weights is not None and len(weights) != rewards.shape[1]:
         raise ValueError(f"msgrpo.reward_weights has {len(weights)} entries for {rewards.shape[1]} reward sources")

@@ -13,8 +13,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from uniref.training.checkpoint import (CheckpointError, check_resumable, find_checkpoint, load_checkpoint,
-                                        save_checkpoint)
+from uniref.training.checkpoint import (
+    CheckpointError,
+    check_resumable,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from uniref.training.collective import broadcast_text
 from uniref.training.config import ConfigError, TrainConfig
 from uniref.training.metrics import MetricsLog, plot_curves
