@@ -12,13 +12,13 @@ import PIL.Image
 import pytest
 import torch
 
-from uniref.edit_cli import add_edit_parser, load_image, write_image_atomic
+from uniref.cli.edit import add_parser as add_edit_parser, load_image, write_image_atomic
 from uniref.pipelines import UniRefEditPipeline
 from uniref.testing import random_edit_pipeline
 
 
 def cli(argv):
-    """`uniref edit ...` through a parser built as uniref/cli.py builds it."""
+    """`uniref edit ...` through a parser built as uniref.cli builds it."""
     parser = argparse.ArgumentParser(prog="uniref")
     add_edit_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["edit", *argv])
@@ -280,7 +280,7 @@ def _assert_one_line_failure(rc, capsys, pattern, out):
 def test_output_gets_ordinary_file_permissions(tmp_path):
     from PIL import Image
 
-    from uniref.edit_cli import write_image_atomic
+    from uniref.cli.edit import write_image_atomic
 
     old = os.umask(0o022)
     try:
