@@ -651,6 +651,9 @@ class UniRefEditPipeline(DiffusionPipeline):
                 raise PipelineLoadError(f"{path} is not a folder; pass a saved pipeline folder (save_pretrained)")
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         check_pipeline_folder(path)
+        from uniref.pipelines.loading import check_component_weights
+
+        check_component_weights(path)
         try:
             return super().from_pretrained(path, **kwargs)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
