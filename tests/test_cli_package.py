@@ -120,3 +120,16 @@ def test_commands_import_no_heavy_package(argv, tmp_path):
     assert got["heavy"] == [], (argv, got)
     if argv and argv[-1] != "--help" and argv[0] != "info" and argv != ["plan"]:
         assert got["rc"] == 2, (argv, got)
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_waits_passively_unless_the_user_says_otherwise(preset, expected, tmp_path):
+    """Spin-waiting OpenMP workers make sampling 10-40x slower on a busy machine
+    (benchmarks/test_sampling_load.py); uniref sets passive waiting before torch loads the runtime."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import os\nimport sys\nimport uniref.cli\nprint(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.stdout.split() == [expected, "True"], proc.stderr
