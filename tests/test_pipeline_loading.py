@@ -79,7 +79,8 @@ def test_a_config_with_fewer_layers_than_the_weights_is_refused(saved, tmp_path)
 def test_a_corrupt_header_is_named(saved, tmp_path):
     folder = _copy(saved, tmp_path)
     (folder / "vae" / WEIGHTS).write_bytes(b"\xff" * 64)
-    with pytest.raises(PipelineLoadError, match=rf"a file is corrupt: {folder / 'vae' / WEIGHTS} is not a readable safetensors file"):
+    where = folder / "vae" / WEIGHTS
+    with pytest.raises(PipelineLoadError, match=rf"a file is corrupt: {where} is not a readable safetensors file"):
         UniRefEditPipeline.from_pretrained(folder)
 
 

@@ -166,7 +166,9 @@ def sde_step_with_logprob(
         _check_batch_tensor(fn, "noise", noise, like=x_t)
     n = x_t.shape[0]
     if x_t[0].numel() == 0:
-        raise ValueError(f"{fn}: x_t has no elements per sample (shape {tuple(x_t.shape)}); log_prob is a mean over them")
+        raise ValueError(
+            f"{fn}: x_t has no elements per sample (shape {tuple(x_t.shape)}); log_prob is a mean over them"
+        )
     dtype = compute_dtype(x_t, velocity)
     (s, sigma), (s_next, sigma_next), (a, noise_level) = (
         _per_sample_value(name, value, n, x_t, dtype)

@@ -279,7 +279,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a local pipeline folder (save_pretrained); default: the embedded default model")
     p.add_argument("--steps", type=_int_at_least(1, "--steps must be >= 1"), default=50,
                    help="denoising steps (default 50)")
-    p.add_argument("--seed", type=_int_at_least(0, f"--seed must be >= 0 and <= {MAX_SEED} (2^64 - 1)", MAX_SEED), default=0,
+    p.add_argument("--seed", type=_int_at_least(0, f"--seed must be >= 0 and <= {MAX_SEED} (2^64 - 1)", MAX_SEED),
+                   default=0,
                    help="random seed of the initial noise (default 0)")
     p.add_argument("--guidance", type=_guidance, default=4.0,
                    help="classifier-free guidance scale, >= 1; 1 disables it (default 4.0)")
@@ -325,8 +326,8 @@ def _load_pipeline(model: str | None, device: str):
         pipe = UniRefEditPipeline.from_pretrained(model, **({"dtype": torch.bfloat16} if half else {}))
     except DefaultModelUnavailableError:
         raise EditInputError(
-            "no --model given and the embedded default model is missing from this installation; pass --model DIR with a "
-            "pipeline folder (UniRefEditPipeline.save_pretrained)"
+            "no --model given and the embedded default model is missing from this installation; pass --model DIR "
+            "with a pipeline folder (UniRefEditPipeline.save_pretrained)"
         ) from None
     except PipelineLoadError as exc:  # its message names the folder and says what is wrong
         raise EditInputError(f"--model: {_first_line(exc)}") from None

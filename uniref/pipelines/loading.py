@@ -55,7 +55,8 @@ def safetensors_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
                 for name in f.keys():
                     shapes[name] = (tuple(f.get_slice(name).get_shape()), file)
         except (SafetensorError, OSError) as exc:
-            raise _error(f"{file} is not a readable safetensors file ({exc}); re-save the pipeline", corrupt=True) from None
+            message = f"{file} is not a readable safetensors file ({exc}); re-save the pipeline"
+            raise _error(message, corrupt=True) from None
     return shapes
 
 
