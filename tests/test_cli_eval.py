@@ -66,3 +66,9 @@ def test_models_returning_non_images(returned, words, tmp_path, capsys):
     rc = main(["eval", "--model", f"{src}:run", "--suite", "edit", "--limit", "1", "--out", str(tmp_path / "o")])
     _one_line(capsys, rc, words)
     assert not Path(tmp_path / "o" / "report.json").exists()
+
+
+def test_a_bad_model_leaves_no_out_folder(tmp_path, capsys):
+    rc = main(["eval", "--model", "no_such_baseline", "--out", str(tmp_path / "o")])
+    _one_line(capsys, rc, "is not a baseline")
+    assert not (tmp_path / "o").exists()

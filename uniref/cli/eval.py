@@ -157,8 +157,6 @@ def _dir_name(spec: str) -> str:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ModelSpecError(f"--out {out}: is a file; give a folder (it is created if missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -174,8 +172,10 @@ def run_eval(args: argparse.Namespace) -> int:
     model whose output is not an image."""
     out = Path(args.out)
     try:
-        _check_out(out)  # before any model is loaded or run
+        if out.exists() and not out.is_dir():  # before any model is loaded
+            raise ModelSpecError(f"--out {out}: is a file; give a folder (it is created if missing)")
         models = [(spec, resolve_model(spec)) for spec in args.model]
+        _check_out(out)  # before any model runs
     except ModelSpecError as exc:
         print(f"uniref eval: error: {exc}", file=sys.stderr)
         return 2
