@@ -168,8 +168,8 @@ def _check_out(out: Path) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Runs the ``eval`` subcommand; returns 0, or 2 (one line on stderr) for a bad --model or --out, or a
-    model whose output is not an image."""
+    """Runs the ``eval`` subcommand; returns 0, 2 (one line on stderr) for a bad --model or --out or a model
+    whose output is not an image, or 1 for a pipeline whose images are not finite."""
     out = Path(args.out)
     try:
         if out.exists() and not out.is_dir():  # before any model is loaded
@@ -188,6 +188,9 @@ def run_eval(args: argparse.Namespace) -> int:
             except (TypeError, ValueError) as exc:  # outputs that are not images, a wrong number of them
                 print(f"uniref eval: error: --model {spec!r} on {suite}: {_first_line(exc)}", file=sys.stderr)
                 return 2
+            except FloatingPointError as exc:  # a pipeline folder whose images are not finite
+                print(f"uniref eval: error: --model {spec!r} on {suite}: {_first_line(exc)}", file=sys.stderr)
+                return 1
             js, png = write_suite_report(r, out / _dir_name(spec), args.grid_rows)
             if any(r.fixes.values()):
                 print(f"note: {spec} on {suite}: outputs fixed up {r.fixes}", file=sys.stderr)
