@@ -133,3 +133,15 @@ def test_openmp_waits_passively_unless_the_user_says_otherwise(preset, expected,
     code = "import os\nimport sys\nimport uniref.cli\nprint(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.stdout.split() == [expected, "True"], proc.stderr
+
+
+def test_uniref_train_runs_a_job(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "uniref.cli", "train", "--config", "training/configs/tiny_sft.yaml",
+         "--output", str(tmp_path / "run"), "sft.stages=[{pixel_budget: 4096, steps: 2}]", "checkpoint.every=2"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "final").is_dir()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 2
