@@ -54,3 +54,16 @@ def test_info_reports_the_build(capsys):
 def test_info_module_runs():
     result = subprocess.run([sys.executable, "-m", "uniref.info"], capture_output=True, text=True, check=True)
     assert "extension_cpu" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["plan", "--target", "100000x100000"], "--target: 10000000000 pixels is above the limit of 67108864"),
+        (["plan", "--budget", str(10**14)], "--budget: 100000000000000 pixels is above the limit of 67108864"),
+    ],
+)
+def test_plan_sizes_are_bounded_before_anything_is_allocated(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

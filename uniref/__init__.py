@@ -18,6 +18,16 @@ Public API:
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# torch's OpenMP runtime (libgomp, which uniref's CPU kernels share through at::parallel_for) spins at every
+# barrier by default. When other processes compete for the cores, a spinning worker holds a core that the
+# descheduled one needs to finish its share, and sampling slows far more than the CPU share lost (10 steps of
+# the default model: 1.6 s -> 22 s with one busy process per core; 0.6 s either way with passive waiting, see
+# benchmarks/test_sampling_load.py). libgomp reads this when torch loads it, so it takes effect when uniref is
+# imported before torch, as the `uniref` command does; a value set by the user wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from uniref import ops  # noqa: E402,F401  (loads uniref._C)
 from uniref.attention import varlen_attention  # noqa: E402
 from uniref.grpo import flow_grpo_loss, group_advantages, sde_step_with_logprob  # noqa: E402

@@ -35,7 +35,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from uniref.edit_cli import MAX_INPUT_PIXELS, EditInputError, load_image, write_image_atomic
+from uniref.cli.edit import MAX_INPUT_PIXELS, EditInputError, load_image, write_image_atomic
 
 __all__ = [
     "DemoError",
@@ -540,7 +540,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Runs ``uniref demo``; returns the exit code (2 with one line on stderr for a bad request)."""
-    from uniref.edit_cli import _load_pipeline
+    from uniref.cli.edit import _load_pipeline
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:

@@ -123,11 +123,14 @@ def sde_step_with_logprob(
     In both, x_next = mean + step_std * noise.
 
     Args:
-        x_t: (N, ...) float tensor, the current latents (any float dtype; math in fp32).
+        x_t: (N, ...) float tensor with at least one element per sample, the current latents (any float
+            dtype; math in fp32).
         velocity: (N, ...) like x_t, the model's prediction. Gradients flow to it (and x_t) through `mean`.
         sigma: number, 0-d or (N,) tensor, 0 < sigma <= 1.
         sigma_next: number, 0-d or (N,) tensor, 0 <= sigma_next < sigma.
-        noise_level: number, 0-d or (N,) tensor, a > 0 (0.7-1.5 in public Flow-GRPO configs).
+        noise_level: number, 0-d or (N,) tensor, a > 0 (0.7-1.5 in public Flow-GRPO configs); with "cps",
+            0 < a <= 1 (step_std = sigma_next sin(a pi / 2) reaches sigma_next at a = 1; larger a only repeat
+            those stds, and from a = 2 they are <= 0).
         kind: "sde" or "cps".
         noise: (N, ...) standard normal noise; drawn with `generator` when None.
         generator: torch.Generator for drawing the noise.
@@ -141,9 +144,12 @@ def sde_step_with_logprob(
         step_std: (N,) the std of the step's Gaussian (std_t sqrt(-dt) for "sde").
 
     Raises:
-        TypeError / ValueError naming the argument: bad shapes, dtypes, devices, unknown kind,
-        sigmas outside 0 <= sigma_next < sigma <= 1, noise_level <= 0, conflicting noise arguments.
-        Number-valued sigmas are checked for free; device tensors cost one sync (skipped under torch.compile).
+        TypeError / ValueError naming the argument: bad shapes, dtypes, devices, unknown kind, samples
+        with no elements, sigmas outside 0 <= sigma_next < sigma <= 1, noise_level <= 0 (or > 1 with
+        "cps"), conflicting noise arguments, and a "sde" step whose step_std is so small that its square
+        underflows the compute dtype (e.g. sigma or noise_level 1e-30 in fp32: the Gaussian log-density
+        would be 0 / 0). Number-valued arguments are checked on the host without a device sync; device
+        tensors cost one sync (skipped under torch.compile).
     """
     fn = "sde_step_with_logprob"
     if kind not in _KINDS:
@@ -159,6 +165,10 @@ def sde_step_with_logprob(
             raise ValueError(f"{fn}: generator only draws noise when noise is None; pass one or the other")
         _check_batch_tensor(fn, "noise", noise, like=x_t)
     n = x_t.shape[0]
+    if x_t[0].numel() == 0:
+        raise ValueError(
+            f"{fn}: x_t has no elements per sample (shape {tuple(x_t.shape)}); log_prob is a mean over them"
+        )
     dtype = compute_dtype(x_t, velocity)
     (s, sigma), (s_next, sigma_next), (a, noise_level) = (
         _per_sample_value(name, value, n, x_t, dtype)
@@ -174,9 +184,34 @@ def sde_step_with_logprob(
             )
         if not bool(((a > 0) & torch.isfinite(a)).all()):
             raise ValueError(f"{fn}: noise_level must be finite and > 0, got {a.tolist()}")
+        if kind == "cps" and not bool((a <= 1).all()):
+            raise ValueError(
+                f"{fn}: kind='cps' needs 0 < noise_level <= 1 (step_std = sigma_next * sin(noise_level * pi / 2) "
+                f"peaks at 1 and is <= 0 from 2), got {a.tolist()}"
+            )
+        if kind == "sde":
+            _check_step_std(s, s_next, a, dtype)
     if prev_sample is None and noise is None:
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=dtype)
     return sde_step_reference(x_t, velocity, sigma, sigma_next, noise_level, kind, noise, prev_sample)
+
+
+def _check_step_std(s: Tensor, s_next: Tensor, a: Tensor, dtype: torch.dtype) -> None:
+    """Refuses an "sde" step whose std squared is below the smallest normal number of ``dtype``.
+
+    The log-density divides by step_std^2: once that underflows, log_prob is 0 / 0 = NaN, and just above it
+    is rounded to a few bits. The std is computed by the reference itself on the host copies of the step's
+    numbers (one element per sample, no device data for number-valued arguments).
+    """
+    probe = torch.zeros(max(s.numel(), s_next.numel(), a.numel()), 1, dtype=dtype, device=s.device)
+    step_std = sde_step_reference(probe, probe, s, s_next, a, "sde", probe)[3]
+    smallest = math.sqrt(torch.finfo(dtype).tiny)
+    if not bool((step_std >= smallest).all()):
+        raise ValueError(
+            f"sde_step_with_logprob: sigma={s.tolist()}, sigma_next={s_next.tolist()}, noise_level={a.tolist()} "
+            f"give step_std {step_std.tolist()}, below {smallest:.3g}, the smallest whose square {dtype} holds; "
+            "the log-probability would be NaN: use a larger sigma or noise_level (or float64 inputs)"
+        )
 
 
 # ---- advantages -----------------------------------------------------------------------------------------
@@ -282,6 +317,24 @@ def _gather_batch(local, error: Exception | None, settings: list[float]):
     return r_cat, g_cat, sum(sizes[:rank])
 
 
+# Rewards whose weighted magnitude is outside [2^-40, 2^40] are rescaled before normalizing (see
+# `_reward_scale`); inside it, squares and sums of fp32 rewards stay far from overflow and underflow.
+_REWARD_RANGE = (2.0**-40, 2.0**40)
+
+
+def _reward_scale(rewards: Tensor, weights: Tensor) -> float:
+    """A power of two c with c * max|r| * sum|w| near 1, or 1 when the rewards are in `_REWARD_RANGE`.
+
+    The advantages (r - mean) / (std + eps) do not change under r -> c r, eps -> c eps, and a power of two
+    scales exactly; without it, fp32 rewards of magnitude 1e20 square to inf (every std inf, every
+    advantage 0, yet no group counted as constant) and rewards of 1e-25 square to 0.
+    """
+    peak = float(rewards.abs().max()) * float(weights.abs().sum())
+    if peak == 0 or _REWARD_RANGE[0] <= peak <= _REWARD_RANGE[1]:
+        return 1.0
+    return 2.0 ** -math.frexp(peak)[1]
+
+
 def group_advantages(
     rewards: Tensor,
     group_ids: Tensor,
@@ -296,7 +349,8 @@ def group_advantages(
     A group is the set of samples with the same key in `group_ids` (same prompt and same references).
     With "sum_then_normalize", r = sum_s w_s r_s and A_i = (r_i - mean_group(r)) / (std + eps); with
     "normalize_then_sum" (MixGRPO / GDPO), each source is normalized that way within its group and
-    A_i = sum_s w_s A_i^(s). `std` is the group's population std (ddof = 0, as Flow-GRPO's numpy) or,
+    A_i = sum_s w_s A_i^(s) (rewards of any finite magnitude: far from 1, they are rescaled exactly by a
+    power of two, with eps, before normalizing). `std` is the group's population std (ddof = 0, as Flow-GRPO's numpy) or,
     with std="batch", the whole batch's ("global std", Flow-GRPO's default); the mean is always the
     group's. A is then clipped to [-clip, clip]. A group whose normalized quantity holds one value (all
     rewards equal, groups of one sample included) contributes exactly 0, never NaN.
@@ -351,8 +405,10 @@ def group_advantages(
             f"{all_rewards[bad[0]].tolist()}; a reward model returned NaN/inf, fix or drop those samples"
         )
     normalize_first = aggregate == "normalize_then_sum"
+    scale = _reward_scale(all_rewards, weights)
     advantages, constant = _ops.group_advantages(
-        all_rewards, all_ids, weights, normalize_first, std == "batch", float(eps), float(clip)
+        all_rewards if scale == 1 else (all_rewards.double() * scale).to(all_rewards.dtype),
+        all_ids, weights, normalize_first, std == "batch", float(eps) * scale, float(clip)
     )
     _, inverse, counts = torch.unique(all_ids, return_inverse=True, return_counts=True)
     num_groups = counts.numel()

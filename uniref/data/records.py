@@ -32,7 +32,7 @@ def decode_image(source: ImageSource, where: str = "") -> PIL.Image.Image:
         DatasetError: the file is missing, empty, not an image, truncated, too large, or of an unsupported mode;
             ``where`` (e.g. ``"row 3 (id a17)"``) starts the message.
     """
-    from uniref.edit_cli import EditInputError, load_image
+    from uniref.cli.edit import EditInputError, load_image
 
     prefix = f"{where}: " if where else ""
     if isinstance(source, PIL.Image.Image):

@@ -514,11 +514,20 @@ class UniRefEditPipeline(DiffusionPipeline):
 
         # 5. Latents -> images, one sample at a time (sizes differ)
         latents = [sample[0] for sample in unpack_latents(state, batch.targets)]
+        # NaN/inf would be clamped into a black image by postprocess: refuse it instead (FloatingPointError)
+        if not all(bool(torch.isfinite(z).all()) for z in latents):
+            raise FloatingPointError(
+                "the sampled latents are not finite (NaN or inf): the model's weights are broken or the guidance "
+                f"scale ({true_cfg_scale}) overflows"
+            )
         if output_type == "latent":
             out = latents
         else:
             processor = self.image_processor
-            out = [processor.postprocess(self.decode_latents(z), output_type=output_type)[0] for z in latents]
+            decoded = [self.decode_latents(z) for z in latents]
+            if not all(bool(torch.isfinite(x).all()) for x in decoded):
+                raise FloatingPointError("the VAE decoded non-finite pixels (NaN or inf): its weights are broken")
+            out = [processor.postprocess(x, output_type=output_type)[0] for x in decoded]
         self.maybe_free_model_hooks()
         return UniRefEditPipelineOutput(images=out) if return_dict else (out,)
 
@@ -554,6 +563,9 @@ class UniRefEditPipeline(DiffusionPipeline):
                 raise PipelineLoadError(f"{path} is not a folder; pass a saved pipeline folder (save_pretrained)")
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         check_pipeline_folder(path)
+        from uniref.pipelines.loading import check_component_weights
+
+        check_component_weights(path)
         try:
             return super().from_pretrained(path, **kwargs)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:

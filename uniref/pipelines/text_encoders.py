@@ -263,12 +263,21 @@ class QwenVLPromptEncoder(ModelMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, torch_dtype=None, **kwargs):
-        """Loads what `save_pretrained` wrote (local files only). Other diffusers loading kwargs are ignored."""
+        """Loads what `save_pretrained` wrote (local files only, safetensors only: a ``pytorch_model.bin`` is
+        never unpickled). Other diffusers loading kwargs are ignored.
+
+        Raises:
+            OSError: the model folder has no ``.safetensors`` weights.
+        """
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
         root = str(pretrained_model_name_or_path)
+        model_dir = os.path.join(root, cls._model_folder)
+        if not any(name.endswith(".safetensors") for name in os.listdir(model_dir)):
+            raise OSError(f"{model_dir} has no .safetensors weights (uniref loads safetensors only and never "
+                          "unpickles .bin files); re-save it with safe_serialization=True")
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            os.path.join(root, cls._model_folder), dtype=torch_dtype, local_files_only=True
+            model_dir, dtype=torch_dtype, local_files_only=True, use_safetensors=True
         )
         processor = AutoProcessor.from_pretrained(os.path.join(root, cls._processor_folder), local_files_only=True)
         return cls(model.eval(), processor)

@@ -4,6 +4,8 @@ error path -- one line on stderr, exit code 2, nothing written -- with real file
 import argparse
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -12,13 +14,13 @@ import PIL.Image
 import pytest
 import torch
 
-from uniref.edit_cli import add_edit_parser, load_image, write_image_atomic
+from uniref.cli.edit import add_parser as add_edit_parser, load_image, write_image_atomic
 from uniref.pipelines import UniRefEditPipeline
 from uniref.presets import random_edit_pipeline
 
 
 def cli(argv):
-    """`uniref edit ...` through a parser built as uniref/cli.py builds it."""
+    """`uniref edit ...` through a parser built as uniref.cli builds it."""
     parser = argparse.ArgumentParser(prog="uniref")
     add_edit_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["edit", *argv])
@@ -280,7 +282,7 @@ def _assert_one_line_failure(rc, capsys, pattern, out):
 def test_output_gets_ordinary_file_permissions(tmp_path):
     from PIL import Image
 
-    from uniref.edit_cli import write_image_atomic
+    from uniref.cli.edit import write_image_atomic
 
     old = os.umask(0o022)
     try:
@@ -288,3 +290,126 @@ def test_output_gets_ordinary_file_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o644
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile inputs: files that are not files, outputs that cannot be written, numbers out of range
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "huge"])
+def test_special_and_huge_files_are_refused_before_reading(kind, model_dir, refs, tmp_path, capsys):
+    from uniref.cli.edit import MAX_INPUT_BYTES
+
+    if kind == "device":
+        bad, message = Path("/dev/zero"), r"is not a regular file \(a device, FIFO or socket\)"
+    elif kind == "fifo":
+        bad, message = tmp_path / "pipe.png", r"is not a regular file"
+        os.mkfifo(bad)  # opening it for reading would block forever
+    else:
+        bad, message = tmp_path / "huge.png", rf"is {MAX_INPUT_BYTES + 1} bytes, above the limit of {MAX_INPUT_BYTES}"
+        with open(bad, "wb") as f:  # sparse: no disk is used
+            f.truncate(MAX_INPUT_BYTES + 1)
+    out = tmp_path / "out.png"
+    rc = cli(["--image", str(refs[0]), "--image", str(bad), "--prompt", "x", "--output", str(out),
+              "--model", str(model_dir)])
+    _assert_one_line_failure(rc, capsys, rf"--image {bad}: {message}", out)
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--pixel-budget", str(10**12), r"--pixel-budget must be >= 256 .* and <= 67108864"),
+        ("--guidance", "1e300", r"must be a finite number >= 1 .* and <= 100"),
+        ("--seed", str(10**23), r"--seed must be >= 0 and <= 18446744073709551615"),
+    ],
+)
+def test_numbers_are_bounded(flag, value, message, refs, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    with pytest.raises(SystemExit) as exc:
+        cli(["--image", str(refs[0]), "--prompt", "x", "--output", str(out), flag, value])
+    _assert_one_line_failure(exc.value.code, capsys, f"argument {flag}: .*{message}", out)
+
+
+def test_largest_seed_runs(model_dir, refs, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    rc = cli(["--image", str(refs[0]), "--prompt", "x", "--output", str(out), "--model", str(model_dir),
+              "--steps", "2", "--seed", str(2**64 - 1)])
+    assert rc == 0, capsys.readouterr().err
+    assert out.is_file()
+
+
+def test_steps_the_scheduler_cannot_run_are_refused_by_name(model_dir, refs, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    rc = cli(["--image", str(refs[0]), "--prompt", "x", "--output", str(out), "--model", str(model_dir),
+              "--steps", "1"])
+    _assert_one_line_failure(rc, capsys, r"^uniref edit: --steps 1: this model's scheduler cannot run it", out)
+
+
+def test_an_unwritable_output_folder_is_refused_before_compute(model_dir, refs, capsys):
+    # /proc/self passes os.access(W_OK) for root, but no file can be created there
+    out = Path("/proc/self/out.png")
+    rc = cli(["--image", str(refs[0]), "--prompt", "x", "--output", str(out), "--model", str(model_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("uniref edit: --output /proc/self/out.png: folder /proc/self is not writable")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_non_utf8_prompt_is_one_line(model_dir, refs, tmp_path):
+    out = tmp_path / "out.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "uniref.cli", "edit", "--image", str(refs[0]), "--prompt", b"caf\xe9 \xff",
+         "--output", str(out), "--model", str(model_dir)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "LC_ALL": "C.UTF-8"},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "uniref edit: --prompt is not valid UTF-8 text; pass the instruction as UTF-8"
+    assert not out.exists()
+
+
+def test_a_broken_model_is_not_written_as_a_black_image(refs, tmp_path, capsys):
+    pipe = random_edit_pipeline("tiny", seed=0)
+    with torch.no_grad():
+        next(pipe.transformer.parameters()).fill_(float("nan"))
+    pipe.save_pretrained(tmp_path / "nan_model")
+    out = tmp_path / "out.png"
+    rc = cli(["--image", str(refs[0]), "--prompt", "x", "--output", str(out), "--model", str(tmp_path / "nan_model"),
+              "--steps", "2"])
+    err = capsys.readouterr().err.strip().split("\r")[-1]  # after the progress bar, which clears itself
+    assert rc == 1 and err.startswith("uniref edit: the sampled latents are not finite (NaN or inf)"), err
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_overwriting_keeps_the_files_mode(tmp_path):
+    out = tmp_path / "out.png"
+    out.write_bytes(b"old")
+    out.chmod(0o600)
+    write_image_atomic(PIL.Image.new("RGB", (4, 4)), out)
+    assert out.stat().st_mode & 0o777 == 0o600 and PIL.Image.open(out).size == (4, 4)
+
+
+def test_a_symlinked_output_is_written_through(tmp_path):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "image.png"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    write_image_atomic(PIL.Image.new("RGB", (4, 4)), link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert PIL.Image.open(target).size == (4, 4) and target.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.png", "real"]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["image.png"]
+
+
+def test_pipeline_load_errors_are_not_prefixed_twice(model_dir, refs, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "model_index.json").write_text("{not json")
+    out = tmp_path / "out.png"
+    rc = cli(["--image", str(refs[0]), "--prompt", "x", "--output", str(out), "--model", str(broken)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("cannot load") <= 1 and err.count(str(broken)) == 1, err
+    assert "model_index.json is corrupt" in err
