@@ -14,7 +14,8 @@ import PIL.Image
 import pytest
 import torch
 
-from uniref.cli.edit import add_parser as add_edit_parser, load_image, write_image_atomic
+from uniref.cli.edit import add_parser as add_edit_parser
+from uniref.cli.edit import load_image, write_image_atomic
 from uniref.pipelines import UniRefEditPipeline
 from uniref.presets import random_edit_pipeline
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["WeightsError", "load_into_meta_model", "safetensors_index"]
+__all__ = ["WeightsError", "check_tensors", "load_into_meta_model", "safetensors_index"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
@@ -117,20 +117,29 @@ def safetensors_index(folder: str | Path, weights_name: str = WEIGHTS_NAME) -> d
     return out
 
 
-def _check(model: nn.Module, found: Mapping[str, tuple[Path, tuple[int, ...]]], folder: Path,
-           rename: Mapping[str, str]) -> None:
-    expected = {rename.get(k, k): tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
+def check_tensors(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[Path, tuple[int, ...]]],
+                  what: str) -> None:
+    """Compares the tensors a model needs (``{name: shape}``) with those its files hold (`safetensors_index`).
+
+    Raises:
+        WeightsError: the first problem, naming the file and the tensor: a tensor ``what`` (e.g. "the
+            QwenImageTransformer2DModel described by .../config.json") needs that no file holds, one no part of
+            it, or a shape that differs.
+    """
+    missing = [k for k in expected if k not in found]
     if missing:
-        raise WeightsError(f"{folder}: {len(missing)} tensor(s) the model needs are not in the weights, e.g. "
-                           f"{missing[:3]}: the weights are incomplete, or config.json describes another model")
+        files = ", ".join(sorted({str(f) for f, _ in found.values()}))
+        raise WeightsError(f"{files}: tensor {missing[0]!r} is missing ({len(missing)} missing in all) but {what} "
+                           "needs it; the weights are incomplete or belong to another model")
+    unexpected = [k for k in found if k not in expected]
     if unexpected:
-        raise WeightsError(f"{folder}: {len(unexpected)} tensor(s) in {found[unexpected[0]][0].name} are not in the "
-                           f"model, e.g. {unexpected[:3]}: config.json does not describe these weights")
-    for name, shape in expected.items():
-        if found[name][1] != shape:
-            raise WeightsError(f"{found[name][0]}: tensor {name} has shape {found[name][1]}, the model expects {shape}")
+        raise WeightsError(f"{found[unexpected[0]][0]}: tensor {unexpected[0]!r} is not part of {what} "
+                           f"({len(unexpected)} such tensors); the config does not match the weights (e.g. fewer layers)")
+    for name, want in expected.items():
+        file, got = found[name]
+        if tuple(got) != tuple(want):
+            raise WeightsError(f"{file}: tensor {name!r} has shape {list(got)} but {what} expects {list(want)}; the "
+                               "config does not match the weights")
 
 
 def load_into_meta_model(
@@ -159,7 +168,8 @@ def load_into_meta_model(
     folder = Path(folder)
     rename = dict(rename or {})
     found = safetensors_index(folder, weights_name)
-    _check(model, found, folder, rename)
+    expected = {rename.get(k, k): tuple(v.shape) for k, v in model.state_dict().items()}
+    check_tensors(expected, found, f"the {type(model).__name__} of {folder}")
     stored_to_model = {rename.get(k, k): k for k in model.state_dict()}
     params = set(dict(model.named_parameters()))
     by_shard: dict[Path, list[str]] = {}

@@ -27,37 +27,22 @@ def _error(message: str, corrupt: bool = False) -> Exception:
     return PipelineLoadError(f"cannot load the pipeline, {what}: {message}")
 
 
-def safetensors_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """The tensors a component folder's weights hold, from the file headers only.
-
-    Returns ``{name: (shape, file)}`` over ``diffusion_pytorch_model.safetensors`` or, when sharded, the
-    files its ``.index.json`` lists; ``{}`` when the folder has neither (the loader reports that itself).
+def safetensors_shapes(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """The tensors a component folder's weights hold, from the file headers only
+    (`uniref.models.loading.safetensors_index`): ``{name: (file, shape)}``; ``{}`` when the folder has no
+    weights (the loader reports that itself).
 
     Raises:
-        PipelineLoadError: a header that cannot be read, or an index that is not JSON, naming the file.
+        PipelineLoadError: a header or index that cannot be read, naming the file.
     """
-    from safetensors import SafetensorError, safe_open
+    from uniref.models.loading import WeightsError, safetensors_index
 
-    index = folder / f"{_WEIGHTS_NAME}.index.json"
-    if index.is_file():
-        try:
-            files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise _error(f"{index} is not a safetensors index ({exc}); re-save the pipeline", corrupt=True) from None
-    elif (folder / _WEIGHTS_NAME).is_file():
-        files = [folder / _WEIGHTS_NAME]
-    else:
+    if not any((folder / name).is_file() for name in (_WEIGHTS_NAME, f"{_WEIGHTS_NAME}.index.json")):
         return {}
-    shapes = {}
-    for file in files:
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    shapes[name] = (tuple(f.get_slice(name).get_shape()), file)
-        except (SafetensorError, OSError) as exc:
-            message = f"{file} is not a readable safetensors file ({exc}); re-save the pipeline"
-            raise _error(message, corrupt=True) from None
-    return shapes
+    try:
+        return safetensors_index(folder)
+    except WeightsError as exc:
+        raise _error(f"{exc}; re-save the pipeline", corrupt=True) from None
 
 
 def expected_state_shapes(cls, folder: Path) -> dict[str, tuple[int, ...]]:
@@ -101,24 +86,9 @@ def check_component_weights(path: Path) -> None:
 
 
 def _compare(found: dict, expected: dict, folder: Path, cls_name: str) -> None:
-    config = folder / "config.json"
-    files = sorted({str(file) for _, file in found.values()})
-    missing = [k for k in expected if k not in found]
-    if missing:
-        raise _error(
-            f"{', '.join(files)}: tensor {missing[0]!r} is missing ({len(missing)} missing in all) but the "
-            f"{cls_name} described by {config} needs it; the file is incomplete or belongs to another model"
-        )
-    unexpected = [k for k in found if k not in expected]
-    if unexpected:
-        raise _error(
-            f"{found[unexpected[0]][1]}: tensor {unexpected[0]!r} is not part of the {cls_name} described by {config} "
-            f"({len(unexpected)} such tensors); the config does not match the weights (e.g. fewer layers)"
-        )
-    for k, want in expected.items():
-        got, file = found[k]
-        if got != want:
-            raise _error(
-                f"{file}: tensor {k!r} has shape {list(got)} but the {cls_name} described by {config} expects "
-                f"{list(want)}; the config does not match the weights"
-            )
+    from uniref.models.loading import WeightsError, check_tensors
+
+    try:
+        check_tensors(expected, found, f"the {cls_name} described by {folder / 'config.json'}")
+    except WeightsError as exc:
+        raise _error(str(exc)) from None
