@@ -39,7 +39,7 @@ def version() -> str:
     text = open(os.path.join(ROOT, "uniref", "__init__.py"), encoding="utf-8").read()
     match = re.search(r'^__version__ = "([^"]+)"$', text, flags=re.M)
     if match is None:
-        raise RuntimeError("uniref/__init__.py has no line __version__ = \"X.Y.Z\"")
+        raise RuntimeError('uniref/__init__.py has no line __version__ = "X.Y.Z"')
     return match.group(1)
 
 
@@ -166,8 +166,13 @@ if __name__ == "__main__":
         python_requires=">=3.10",
         packages=find_packages(include=["uniref", "uniref.*"]),
         # the embedded default model (a save_pretrained folder of safetensors and JSON configs)
-        package_data={"uniref": ["assets/default_model/*.json", "assets/default_model/*/*.json",
-                                 "assets/default_model/*/*.safetensors"]},
+        package_data={
+            "uniref": [
+                "assets/default_model/*.json",
+                "assets/default_model/*/*.json",
+                "assets/default_model/*/*.safetensors",
+            ]
+        },
         ext_modules=[_extension(), *_simd_extensions()],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         install_requires=["torch>=2.6", "numpy", "pillow", "safetensors", "diffusers>=0.35", "accelerate"],
@@ -178,9 +183,21 @@ if __name__ == "__main__":
             # Hugging Face datasets as a training source (hf:PATH); build test tables from Arrow (see tests)
             "data": ["datasets>=5.2"],
             # the demo's tests drive Debian's chromium + chromium-driver (apt) through Selenium
-            "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers",
-                     "deepspeed", "peft", "pyyaml", "matplotlib", "gradio>=6.0", "selenium>=4.11",
-                     "datasets>=5.2", "ruff"],
+            "test": [
+                "pytest",
+                "pytest-benchmark",
+                "hypothesis",
+                "triton",
+                "transformers",
+                "deepspeed",
+                "peft",
+                "pyyaml",
+                "matplotlib",
+                "gradio>=6.0",
+                "selenium>=4.11",
+                "datasets>=5.2",
+                "ruff",
+            ],
             "qwen": ["transformers"],
             "triton": ["triton"],
         },

@@ -21,8 +21,9 @@ import pytest
 import torch
 
 GEOMETRIES = {
-    "small": dict(num_layers=4, num_attention_heads=4, attention_head_dim=64, joint_attention_dim=256,
-                  axes_dims_rope=(8, 28, 28)),
+    "small": dict(
+        num_layers=4, num_attention_heads=4, attention_head_dim=64, joint_attention_dim=256, axes_dims_rope=(8, 28, 28)
+    ),
     "mid": dict(num_layers=16, num_attention_heads=12, attention_head_dim=128, joint_attention_dim=512),
     "large": dict(num_layers=23, num_attention_heads=16, attention_head_dim=128, joint_attention_dim=3584),
 }
@@ -110,9 +111,12 @@ def test_load_peak_host_memory(benchmark, qwen_folder, impl):
     result = benchmark.pedantic(_peak, args=(folder, impl), rounds=1, iterations=1)
     ratio = result["peak"] / weight_bytes
     _PEAKS[impl] = ratio
-    benchmark.extra_info.update(params=result["params"], weight_bytes=weight_bytes, peak_bytes=result["peak"],
-                                peak_over_weights=round(ratio, 3))
+    benchmark.extra_info.update(
+        params=result["params"], weight_bytes=weight_bytes, peak_bytes=result["peak"], peak_over_weights=round(ratio, 3)
+    )
     if impl == "uniref" and "diffusers_then_copy" in _PEAKS:
         benchmark.extra_info["peak_vs_diffusers_then_copy"] = round(ratio / _PEAKS["diffusers_then_copy"], 3)
-    print(f"\n{impl}: {result['params'] / 1e9:.2f}B parameters, weights {weight_bytes / 2**30:.2f} GiB, "
-          f"peak {result['peak'] / 2**30:.2f} GiB = {ratio:.2f}x the weights")
+    print(
+        f"\n{impl}: {result['params'] / 1e9:.2f}B parameters, weights {weight_bytes / 2**30:.2f} GiB, "
+        f"peak {result['peak'] / 2**30:.2f} GiB = {ratio:.2f}x the weights"
+    )

@@ -33,8 +33,10 @@ def mixed_samples(count=8, seed=0, max_refs=6, lo=192, hi=640):
     """``count`` samples of 1..max_refs references each, with their prompts."""
     rng = random.Random(seed)
     samples = [reference_images(rng.randint(1, max_refs), seed=seed + 1 + i, lo=lo, hi=hi) for i in range(count)]
-    prompts = [f"sample {i}: put " + ", ".join(f"picture {k + 1}" for k in range(len(s))) + " together"
-               for i, s in enumerate(samples)]
+    prompts = [
+        f"sample {i}: put " + ", ".join(f"picture {k + 1}" for k in range(len(s))) + " together"
+        for i, s in enumerate(samples)
+    ]
     return samples, prompts
 
 
@@ -70,7 +72,10 @@ def test_step_vs_references(benchmark, pipe, refs, impl):
     args, ref_tokens = step_inputs(pipe, reference_images(refs), budget, MODES[impl])
     _, per_image_tokens = step_inputs(pipe, reference_images(refs), budget, "per_image")
     benchmark.extra_info.update(
-        refs=refs, mode=MODES[impl], ref_tokens=ref_tokens, seq_tokens=args[0].max_seqlen + args[2][0],
+        refs=refs,
+        mode=MODES[impl],
+        ref_tokens=ref_tokens,
+        seq_tokens=args[0].max_seqlen + args[2][0],
         per_image_over_this_tokens=round(per_image_tokens / ref_tokens, 2),
     )
     if MODES[impl] == "global":
@@ -80,14 +85,21 @@ def test_step_vs_references(benchmark, pipe, refs, impl):
 
 
 def run_packed(pipe, samples, prompts, steps):
-    return pipe(samples, prompts, num_inference_steps=steps, output_type="latent",
-                generator=[torch.Generator().manual_seed(i) for i in range(len(samples))]).images
+    return pipe(
+        samples,
+        prompts,
+        num_inference_steps=steps,
+        output_type="latent",
+        generator=[torch.Generator().manual_seed(i) for i in range(len(samples))],
+    ).images
 
 
 def run_one_by_one(pipe, samples, prompts, steps):
     kw = dict(num_inference_steps=steps, output_type="latent")
-    return [pipe(s, p, generator=torch.Generator().manual_seed(i), **kw).images[0]
-            for i, (s, p) in enumerate(zip(samples, prompts))]
+    return [
+        pipe(s, p, generator=torch.Generator().manual_seed(i), **kw).images[0]
+        for i, (s, p) in enumerate(zip(samples, prompts))
+    ]
 
 
 BATCH_IMPLS = {"uniref_packed": run_packed, "one_by_one": run_one_by_one}
@@ -104,6 +116,10 @@ def test_packed_batch_vs_one_by_one(benchmark, pipe, impl):
         assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(packed, single))
     plans = pipe.plan_sizes(samples, pipe.config.target_pixels, "global", None, None)
     tokens = [(th // 16) * (tw // 16) + sum((h // 16) * (w // 16) for h, w in refs) for (th, tw), refs in plans]
-    benchmark.extra_info.update(samples=len(samples), refs=[len(s) for s in samples], image_tokens=tokens,
-                                forwards_per_step=1 if impl == "uniref_packed" else len(samples))
+    benchmark.extra_info.update(
+        samples=len(samples),
+        refs=[len(s) for s in samples],
+        image_tokens=tokens,
+        forwards_per_step=1 if impl == "uniref_packed" else len(samples),
+    )
     benchmark.pedantic(BATCH_IMPLS[impl], args=(pipe, samples, prompts, steps), rounds=3, iterations=1)

@@ -73,8 +73,9 @@ def test_sft_step_packed_vs_padded(benchmark, setup, impl):
     packed, prompts, t, target = _inputs(pipe, batch, x0, refs, padded=impl == "padded")
     real = batch.tokens + sum(len(it.prompt.encode()) + 1 for it in batch.items)
     computed = packed.tokens.shape[0] + sum(len(q.encode()) + 1 for q in prompts)
-    benchmark.extra_info.update(real_tokens=real, computed_tokens=computed, samples=SAMPLES,
-                                refs=[len(it.references) for it in batch.items])
+    benchmark.extra_info.update(
+        real_tokens=real, computed_tokens=computed, samples=SAMPLES, refs=[len(it.references) for it in batch.items]
+    )
     if impl == "uniref":
         assert computed == real  # packed: no token computed that is not a sample's
     benchmark.pedantic(_step, args=(model, packed, prompts, t, target), rounds=7, iterations=1, warmup_rounds=1)

@@ -37,8 +37,17 @@ def _editor(pipe, steps: int, guidance: float, budget_mode: str = "global", pixe
         single = isinstance(prompt, str)
         images, prompt = ([images], [prompt]) if single else (images, prompt)
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompt))]
-        out = pipe(images, prompt, height=height, width=width, num_inference_steps=steps, true_cfg_scale=guidance,
-                   generator=gens, budget_mode=budget_mode, pixel_budget=pixel_budget)
+        out = pipe(
+            images,
+            prompt,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            true_cfg_scale=guidance,
+            generator=gens,
+            budget_mode=budget_mode,
+            pixel_budget=pixel_budget,
+        )
         return out.images[0] if single else out.images
 
     return edit
@@ -60,8 +69,18 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _suite_rows(results: list[SuiteResult]) -> list[list]:
-    return [[r.model, r.suite, r.mean["integration"], r.mean["consistency"], r.mean["quality"], r.mean["overall"],
-             len(r.cases)] for r in results]
+    return [
+        [
+            r.model,
+            r.suite,
+            r.mean["integration"],
+            r.mean["consistency"],
+            r.mean["quality"],
+            r.mean["overall"],
+            len(r.cases),
+        ]
+        for r in results
+    ]
 
 
 def _tokens(pipe, images, budget: int, mode: str) -> int:
@@ -78,13 +97,17 @@ def self_vs_per_image(pipe, steps: int, guidance: float, cases: int, batch: int)
     budget = pipe.default_pixel_budget  # the paper's comparison: the same budget for all, or for each reference
     modes = {"global (SELF)": ("global", budget), "per image": ("per_image", budget)}
     for k in range(1, 7):
-        tasks = [sample_task(10_000 + i, EDIT_KINDS[i % len(EDIT_KINDS)] if k == 1 else "compose",
-                             None if k == 1 else k, 64, "test") for i in range(cases)]
+        tasks = [
+            sample_task(
+                10_000 + i, EDIT_KINDS[i % len(EDIT_KINDS)] if k == 1 else "compose", None if k == 1 else k, 64, "test"
+            )
+            for i in range(cases)
+        ]
         for label, (mode, pixels) in modes.items():
             edit = _editor(pipe, steps, guidance, mode, pixels)
             outs = []
             for s in range(0, cases, batch):
-                chunk = tasks[s:s + batch]
+                chunk = tasks[s : s + batch]
                 outs += edit([list(t.images) for t in chunk], [t.prompt for t in chunk], 64, 64)
             overall = float(np.mean([score(t, o)["overall"] for t, o in zip(tasks, outs)]))
             tokens = float(np.mean([_tokens(pipe, t.images, pixels, mode) for t in tasks]))
@@ -92,8 +115,16 @@ def self_vs_per_image(pipe, steps: int, guidance: float, cases: int, batch: int)
     return rows
 
 
-def run(model: str | None, sft: str | None, out: Path, steps: int, guidance: float, limit: int | None, batch: int,
-        self_cases: int) -> tuple[str, dict]:
+def run(
+    model: str | None,
+    sft: str | None,
+    out: Path,
+    steps: int,
+    guidance: float,
+    limit: int | None,
+    batch: int,
+    self_cases: int,
+) -> tuple[str, dict]:
     out.mkdir(parents=True, exist_ok=True)
     pipe = _load(model)
     name = "default model" if model is None else Path(model).name
@@ -111,14 +142,17 @@ def run(model: str | None, sft: str | None, out: Path, steps: int, guidance: flo
     print(format_table(results + baselines))
 
     if sft is not None:
-        sft_results = [evaluate(_editor(_load(sft), steps, guidance), s, limit=limit, batch_size=batch, name="SFT")
-                       for s in SUITES]
+        sft_results = [
+            evaluate(_editor(_load(sft), steps, guidance), s, limit=limit, batch_size=batch, name="SFT") for s in SUITES
+        ]
         rows = []
         for a, b in zip(sft_results, results):
             diff, lo, hi = paired_bootstrap([c["overall"] for c in a.cases], [c["overall"] for c in b.cases])
             rows.append([a.suite, a.mean["overall"], b.mean["overall"], f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"])
-        sections.append("**SFT vs SFT + MSGRPO (overall; difference with its 95% paired-bootstrap interval over "
-                        "cases)**\n\n" + _table(["suite", "SFT", "SFT + MSGRPO", "difference"], rows))
+        sections.append(
+            "**SFT vs SFT + MSGRPO (overall; difference with its 95% paired-bootstrap interval over "
+            "cases)**\n\n" + _table(["suite", "SFT", "SFT + MSGRPO", "difference"], rows)
+        )
         data["ablation"] = rows
 
     rows = self_vs_per_image(pipe, steps, guidance, self_cases, batch)
@@ -141,8 +175,9 @@ def example_figure(pipe, example: Path, path: Path, steps: int, guidance: float)
 
     refs = [Image.open(p).convert("RGB") for p in sorted(example.glob("ref*.png"))]
     prompt = (example / "prompt.txt").read_text().strip()
-    out = pipe(refs, prompt, num_inference_steps=steps, true_cfg_scale=guidance,
-               generator=torch.Generator().manual_seed(0)).images[0]
+    out = pipe(
+        refs, prompt, num_inference_steps=steps, true_cfg_scale=guidance, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     cells = [*refs, out, Image.open(example / "target.png").convert("RGB")]
     cell, gap = 128, 8
     strip = Image.new("RGB", (len(cells) * (cell + gap) - gap, cell), (255, 255, 255))
@@ -178,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--example", default=None, help="a bundled example folder (ref*.png, prompt.txt, target.png)")
     p.add_argument("--figure", default=None, help="where to draw the example: references | output | answer")
     args = p.parse_args(argv)
-    text, _ = run(args.model, args.sft, Path(args.out), args.steps, args.guidance, args.limit, args.batch,
-                  args.self_cases)
+    text, _ = run(
+        args.model, args.sft, Path(args.out), args.steps, args.guidance, args.limit, args.batch, args.self_cases
+    )
     if args.readme:
         replace_block(Path(args.readme), text)
     if args.example and args.figure:

@@ -52,8 +52,9 @@ def run_with_grads(backend, q, k, v, cq, ck, mq, mk, grad, softmax_scale=None):
     return out.detach(), lse, [t.grad for t in leaves]
 
 
-def assert_within_error_rule(q_lens, k_lens, heads, dim, dtype, device, softmax_scale=None, backward=True,
-                             fp32_floor=FP32_FLOOR):
+def assert_within_error_rule(
+    q_lens, k_lens, heads, dim, dtype, device, softmax_scale=None, backward=True, fp32_floor=FP32_FLOOR
+):
     """uniref's kernel vs the float64 reference, within 2x (forward) / 3x (backward) of the error of
     PyTorch's own attention in the same dtype (plus `fp32_floor` in float32); lse float32, -inf exactly on
     the rows of samples without keys."""
@@ -350,8 +351,16 @@ class TestOpErrors:
             (dict(cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32)), "both need B\\+1"),
             (dict(softmax_scale=float("nan")), "softmax_scale must be finite"),
         ],
-        ids=["cu_int64", "cu_2d", "non_monotonic", "first_not_zero", "last_not_total", "longer_than_max",
-             "batch_mismatch", "scale_nan"],  # fmt: skip
+        ids=[
+            "cu_int64",
+            "cu_2d",
+            "non_monotonic",
+            "first_not_zero",
+            "last_not_total",
+            "longer_than_max",
+            "batch_mismatch",
+            "scale_nan",
+        ],  # fmt: skip
     )
     def test_cu_seqlens_and_scale(self, override, match):
         with pytest.raises(RuntimeError, match=match):

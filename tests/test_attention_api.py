@@ -182,16 +182,29 @@ class TestErrors:
             (dict(v=torch.zeros(7, 2, 8)), "k and v must have the same shape"),
             (dict(q=torch.zeros(7, 16)), r"q must be a \(total, heads, head_dim\) tensor, got \(7, 16\)"),
             (dict(q=torch.zeros(7, 2, 16, dtype=torch.int32)), "must share one of"),
-            (dict(k=torch.zeros(7, 2, 16, dtype=torch.float64), v=torch.zeros(7, 2, 16, dtype=torch.float64)),
-             "must share one of"),  # fmt: skip
+            (
+                dict(k=torch.zeros(7, 2, 16, dtype=torch.float64), v=torch.zeros(7, 2, 16, dtype=torch.float64)),
+                "must share one of",
+            ),  # fmt: skip
             (dict(cu_seqlens_q=torch.tensor([0, 3, 7])), "cu_seqlens_q must be a 1-D int32 tensor"),
             (dict(cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32)), "both need B\\+1"),
             (dict(cu_seqlens_q=torch.zeros(3, dtype=torch.int32, device="meta")), "is on meta but q is on cpu"),
             (dict(max_seqlen_q=4.0), "max_seqlen_q must be a non-negative Python int"),
             (dict(softmax_scale=float("inf")), "softmax_scale must be finite"),
         ],
-        ids=["heads", "head_dim", "k_v_shapes", "q_2d", "int_dtype", "mixed_dtypes", "cu_int64", "batch_mismatch",
-             "cu_other_device", "max_float", "scale_inf"],  # fmt: skip
+        ids=[
+            "heads",
+            "head_dim",
+            "k_v_shapes",
+            "q_2d",
+            "int_dtype",
+            "mixed_dtypes",
+            "cu_int64",
+            "batch_mismatch",
+            "cu_other_device",
+            "max_float",
+            "scale_inf",
+        ],  # fmt: skip
     )
     def test_arguments(self, override, match):
         with pytest.raises(ValueError, match=match):
@@ -252,8 +265,12 @@ class TestRegistry:
     def test_reason_names_every_broken_constraint(self, monkeypatch):
         monkeypatch.setitem(attention_backends._HAS_KERNEL, "cuda", False)
         reason = unavailable_reason("cuda", "cpu", torch.float32, 48)
-        for part in ("runs CUDA tensors, these are on cpu", "built without its CUDA kernels",
-                     "does not take float32 (it takes float16/bfloat16)", "supports head_dim in (32, 64, 128), got 48"):
+        for part in (
+            "runs CUDA tensors, these are on cpu",
+            "built without its CUDA kernels",
+            "does not take float32 (it takes float16/bfloat16)",
+            "supports head_dim in (32, 64, 128), got 48",
+        ):
             assert part in reason, (part, reason)
         assert unavailable_reason("sdpa", "cpu", torch.float64, 7) is None
         assert "unknown backend" in unavailable_reason("xformers", "cpu", torch.float32, 64)

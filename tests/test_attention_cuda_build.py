@@ -52,10 +52,21 @@ def test_cuda_kernels_on_cpu_emulator(tmp_path):
         pytest.skip("needs g++ and the CUDA toolkit headers (cuda_bf16.h)")
     exe = str(tmp_path / "emu_attention_test")
     build = subprocess.run(
-        [cxx, "-std=c++20", "-O2", "-Wno-unknown-pragmas", "-I" + os.path.join(ROOT, "csrc"),
-         "-I" + os.path.join(ROOT, "tests", "cuda_emu"), "-I" + inc,
-         os.path.join(ROOT, "tests", "cuda_emu", "emu_attention_test.cpp"), "-o", exe],
-        capture_output=True, text=True)
+        [
+            cxx,
+            "-std=c++20",
+            "-O2",
+            "-Wno-unknown-pragmas",
+            "-I" + os.path.join(ROOT, "csrc"),
+            "-I" + os.path.join(ROOT, "tests", "cuda_emu"),
+            "-I" + inc,
+            os.path.join(ROOT, "tests", "cuda_emu", "emu_attention_test.cpp"),
+            "-o",
+            exe,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([exe, "quick"], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]

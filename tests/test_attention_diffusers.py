@@ -14,8 +14,14 @@ from uniref.integrations.diffusers_attention import VarlenJointAttnProcessor, us
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="needs diffusers")
 
 TINY = dict(
-    patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-    joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    axes_dims_rope=(4, 6, 6),
 )
 
 

@@ -63,9 +63,30 @@ def refs(tmp_path):
 
 def test_edit_writes_the_pipeline_image(model_dir, refs, tmp_path, capsys):
     out = tmp_path / "out.png"
-    rc = cli(["--image", str(refs[0]), "--image", str(refs[1]), "--prompt", "put b into a", "--output", str(out),
-              "--model", str(model_dir), "--steps", "2", "--seed", "7", "--guidance", "2.5",
-              "--pixel-budget", "2048", "--budget-mode", "per_image"])
+    rc = cli(
+        [
+            "--image",
+            str(refs[0]),
+            "--image",
+            str(refs[1]),
+            "--prompt",
+            "put b into a",
+            "--output",
+            str(out),
+            "--model",
+            str(model_dir),
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+            "--guidance",
+            "2.5",
+            "--pixel-budget",
+            "2048",
+            "--budget-mode",
+            "per_image",
+        ]
+    )
     assert rc == 0 and f"wrote {out} (80x48)" in capsys.readouterr().out
     written = np.asarray(PIL.Image.open(out))
     assert written.shape == (48, 80, 3)  # the first reference's aspect ratio at the model's 64^2 target
@@ -73,8 +94,15 @@ def test_edit_writes_the_pipeline_image(model_dir, refs, tmp_path, capsys):
 
     pipe = UniRefEditPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe([load_image(r) for r in refs], "put b into a", true_cfg_scale=2.5, num_inference_steps=2,
-                    generator=torch.Generator().manual_seed(7), pixel_budget=2048, budget_mode="per_image").images[0]
+    expected = pipe(
+        [load_image(r) for r in refs],
+        "put b into a",
+        true_cfg_scale=2.5,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(7),
+        pixel_budget=2048,
+        budget_mode="per_image",
+    ).images[0]
     assert np.array_equal(written, np.asarray(expected))
 
 
@@ -182,8 +210,9 @@ def _bad_image(kind, tmp_path):
 def test_bad_images(kind, message, model_dir, refs, tmp_path, capsys):
     bad = _bad_image(kind, tmp_path)
     out = tmp_path / "out.png"
-    rc = cli(["--image", str(refs[0]), "--image", str(bad), "--prompt", "x", "--output", str(out),
-              "--model", str(model_dir)])
+    rc = cli(
+        ["--image", str(refs[0]), "--image", str(bad), "--prompt", "x", "--output", str(out), "--model", str(model_dir)]
+    )
     _assert_one_line_failure(rc, capsys, rf"--image {bad}: {message}", out)
 
 
@@ -204,8 +233,10 @@ def test_unreadable_image(model_dir, refs, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--pixel-budget", "512", "--budget-mode", "global"],
-         r"--pixel-budget 512: .*too small for 3 reference\(s\) in 'global' mode.*>= 768; raise it or pass fewer"),
+        (
+            ["--pixel-budget", "512", "--budget-mode", "global"],
+            r"--pixel-budget 512: .*too small for 3 reference\(s\) in 'global' mode.*>= 768; raise it or pass fewer",
+        ),
         (["--prompt", "  "], "--prompt is empty"),
         (["--output", "{tmp}/out.gif"], "unknown image extension '.gif'"),
         (["--output", "{tmp}/no/such/dir/out.png"], "folder .* does not exist"),
@@ -231,8 +262,20 @@ def test_without_model_says_when_the_default_is_missing(refs, tmp_path, capsys, 
 
 def test_without_model_uses_the_default_model(refs, tmp_path, capsys):
     out = tmp_path / "out.png"
-    rc = cli(["--image", str(refs[0]), "--image", str(refs[1]), "--prompt", "put image 2 on image 1", "--output",
-              str(out), "--steps", "3"])
+    rc = cli(
+        [
+            "--image",
+            str(refs[0]),
+            "--image",
+            str(refs[1]),
+            "--prompt",
+            "put image 2 on image 1",
+            "--output",
+            str(out),
+            "--steps",
+            "3",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     w, h = PIL.Image.open(out).size
     assert abs(w * h - 64 * 64) <= 0.25 * 64 * 64 and w > h  # the model's area, the first reference's shape
@@ -241,8 +284,9 @@ def test_without_model_uses_the_default_model(refs, tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
 def test_cuda_without_a_device(model_dir, refs, tmp_path, capsys):
     out = tmp_path / "out.png"
-    rc = cli(["--image", str(refs[0]), "--prompt", "x", "--output", str(out), "--model", str(model_dir),
-              "--device", "cuda"])
+    rc = cli(
+        ["--image", str(refs[0]), "--prompt", "x", "--output", str(out), "--model", str(model_dir), "--device", "cuda"]
+    )
     _assert_one_line_failure(rc, capsys, "no CUDA device is available here; use --device cpu", out)
 
 
@@ -312,8 +356,9 @@ def test_special_and_huge_files_are_refused_before_reading(kind, model_dir, refs
         with open(bad, "wb") as f:  # sparse: no disk is used
             f.truncate(MAX_INPUT_BYTES + 1)
     out = tmp_path / "out.png"
-    rc = cli(["--image", str(refs[0]), "--image", str(bad), "--prompt", "x", "--output", str(out),
-              "--model", str(model_dir)])
+    rc = cli(
+        ["--image", str(refs[0]), "--image", str(bad), "--prompt", "x", "--output", str(out), "--model", str(model_dir)]
+    )
     _assert_one_line_failure(rc, capsys, rf"--image {bad}: {message}", out)
 
 
@@ -334,16 +379,31 @@ def test_numbers_are_bounded(flag, value, message, refs, tmp_path, capsys):
 
 def test_largest_seed_runs(model_dir, refs, tmp_path, capsys):
     out = tmp_path / "out.png"
-    rc = cli(["--image", str(refs[0]), "--prompt", "x", "--output", str(out), "--model", str(model_dir),
-              "--steps", "2", "--seed", str(2**64 - 1)])
+    rc = cli(
+        [
+            "--image",
+            str(refs[0]),
+            "--prompt",
+            "x",
+            "--output",
+            str(out),
+            "--model",
+            str(model_dir),
+            "--steps",
+            "2",
+            "--seed",
+            str(2**64 - 1),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert out.is_file()
 
 
 def test_steps_the_scheduler_cannot_run_are_refused_by_name(model_dir, refs, tmp_path, capsys):
     out = tmp_path / "out.png"
-    rc = cli(["--image", str(refs[0]), "--prompt", "x", "--output", str(out), "--model", str(model_dir),
-              "--steps", "1"])
+    rc = cli(
+        ["--image", str(refs[0]), "--prompt", "x", "--output", str(out), "--model", str(model_dir), "--steps", "1"]
+    )
     _assert_one_line_failure(rc, capsys, r"^uniref edit: --steps 1: this model's scheduler cannot run it", out)
 
 
@@ -374,8 +434,20 @@ def test_a_broken_model_is_not_written_as_a_black_image(refs, tmp_path, capsys):
         next(pipe.transformer.parameters()).fill_(float("nan"))
     pipe.save_pretrained(tmp_path / "nan_model")
     out = tmp_path / "out.png"
-    rc = cli(["--image", str(refs[0]), "--prompt", "x", "--output", str(out), "--model", str(tmp_path / "nan_model"),
-              "--steps", "2"])
+    rc = cli(
+        [
+            "--image",
+            str(refs[0]),
+            "--prompt",
+            "x",
+            "--output",
+            str(out),
+            "--model",
+            str(tmp_path / "nan_model"),
+            "--steps",
+            "2",
+        ]
+    )
     err = capsys.readouterr().err.strip().split("\r")[-1]  # after the progress bar, which clears itself
     assert rc == 1 and err.startswith("uniref edit: the sampled latents are not finite (NaN or inf)"), err
     assert len(err.splitlines()) == 1 and not out.exists()

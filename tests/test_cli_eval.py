@@ -83,8 +83,19 @@ def test_a_nan_pipeline_is_not_scored(tmp_path, capsys):
     with torch.no_grad():
         next(pipe.transformer.parameters()).fill_(float("nan"))
     pipe.save_pretrained(tmp_path / "nan_model")
-    rc = main(["eval", "--model", str(tmp_path / "nan_model"), "--suite", "edit", "--limit", "1",
-               "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "nan_model"),
+            "--suite",
+            "edit",
+            "--limit",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the pipeline's progress bar
     assert rc == 1 and err.startswith("uniref eval: error: --model ") and "latents are not finite" in err, err
     assert not (tmp_path / "o" / "report.json").exists()

@@ -76,13 +76,15 @@ def test_old_import_paths_work_and_warn(old, new, names):
 def _modules_after(code: str, tmp_path) -> dict:
     """Runs ``code`` in a fresh interpreter; returns which HEAVY modules it imported and its exit status."""
     script = (
-        "import json, sys\nrc = None\ntry:\n" + "".join(f"    {line}\n" for line in code.splitlines())
+        "import json, sys\nrc = None\ntry:\n"
+        + "".join(f"    {line}\n" for line in code.splitlines())
         + "except SystemExit as exc:\n    rc = exc.code\n"
         + f"print(json.dumps({{'rc': rc, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

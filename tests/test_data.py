@@ -46,8 +46,14 @@ def write_diffsynth(root, rows, fmt):
     for r in rows:
         refs = [_save(root, f"img/{r.id}_ref{k}.png", img) for k, img in enumerate(r.reference_images())]
         _save(root, f"img/{r.id}.png", r.target_image())
-        meta.append({"image": f"img/{r.id}.png", "edit_image": refs[0] if len(refs) == 1 else refs,
-                     "prompt": r.prompt, "id": r.id})
+        meta.append(
+            {
+                "image": f"img/{r.id}.png",
+                "edit_image": refs[0] if len(refs) == 1 else refs,
+                "prompt": r.prompt,
+                "id": r.id,
+            }
+        )
     if fmt == "jsonl":
         (root / "meta.jsonl").write_text("\n".join(json.dumps(m) for m in meta) + "\n")
     elif fmt == "json":
@@ -59,8 +65,14 @@ def write_diffsynth(root, rows, fmt):
             w = csv.DictWriter(f, ["image", "edit_image", "prompt", "id"])
             w.writeheader()
             for m in meta:
-                w.writerow({**m, "edit_image": json.dumps(m["edit_image"]) if isinstance(m["edit_image"], list)
-                            else m["edit_image"]})
+                w.writerow(
+                    {
+                        **m,
+                        "edit_image": json.dumps(m["edit_image"])
+                        if isinstance(m["edit_image"], list)
+                        else m["edit_image"],
+                    }
+                )
     return f"diffsynth:{root / f'meta.{fmt}'}"
 
 
@@ -103,8 +115,9 @@ def test_aitoolkit_folders(tmp_path, rows):
         (tmp_path / "target" / f"{r.id}.txt").write_text(r.prompt)
         for k, img in enumerate(r.reference_images()):
             _save(tmp_path / f"control{k + 1}", f"{r.id}.png", img)
-    data = open_dataset(f"aitoolkit:{tmp_path / 'target'}", root=tmp_path,
-                        keys={"control": ["control1", "control2", "control3"]})
+    data = open_dataset(
+        f"aitoolkit:{tmp_path / 'target'}", root=tmp_path, keys={"control": ["control1", "control2", "control3"]}
+    )
     by_id = {r.id: r for r in rows}
     for rec in data:
         _same(by_id[rec.id], rec)
@@ -118,8 +131,9 @@ def test_hf_parquet_and_saved_dataset(tmp_path, rows):
     paths = write_diffsynth(tmp_path, rows, "jsonl")  # images on disk; the table names them
     meta = [json.loads(x) for x in (tmp_path / "meta.jsonl").read_text().splitlines()]
     refs = [m["edit_image"] if isinstance(m["edit_image"], list) else [m["edit_image"]] for m in meta]
-    table = pa.table({"instruction": [m["prompt"] for m in meta], "target": [m["image"] for m in meta],
-                      "references": refs})
+    table = pa.table(
+        {"instruction": [m["prompt"] for m in meta], "target": [m["image"] for m in meta], "references": refs}
+    )
     (tmp_path / "pq").mkdir()
     pq.write_table(table, tmp_path / "pq" / "part-0.parquet")
     keys = {"prompt": "instruction"}
@@ -152,11 +166,15 @@ def test_bad_rows_and_paths_are_named(tmp_path, rows):
     with pytest.raises(DatasetError, match=r"row 4: no 'prompt' field .*set data.keys.prompt"):
         data[4]
     (tmp_path / "img" / "empty.png").write_bytes(b"")
-    assert "is empty" in str(pytest.raises(DatasetError, EditRecord("e", "p", [tmp_path / "img" / "empty.png"])
-                                           .reference_images).value)
-    for spec, message in [("parquet:x", "must be synthetic or one of"), ("diffsynth:", "give a path"),
-                          (f"diffsynth:{tmp_path / 'nope.jsonl'}", "does not exist"),
-                          (f"aitoolkit:{tmp_path}", "data.keys.control")]:
+    assert "is empty" in str(
+        pytest.raises(DatasetError, EditRecord("e", "p", [tmp_path / "img" / "empty.png"]).reference_images).value
+    )
+    for spec, message in [
+        ("parquet:x", "must be synthetic or one of"),
+        ("diffsynth:", "give a path"),
+        (f"diffsynth:{tmp_path / 'nope.jsonl'}", "does not exist"),
+        (f"aitoolkit:{tmp_path}", "data.keys.control"),
+    ]:
         with pytest.raises(DatasetError, match=message):
             open_dataset(spec)
     with pytest.raises(DatasetError, match="data.root .* no such folder"):
@@ -181,10 +199,12 @@ def test_check_reports_the_summary_and_every_bad_row(tmp_path, rows):
     lines = meta.read_text().splitlines()
     (tmp_path / "img" / "zero.png").write_bytes(b"")
     (tmp_path / "img" / "cut.png").write_bytes((tmp_path / "img" / "0.png").read_bytes()[:60])
-    lines += [json.dumps({"image": "img/0.png", "edit_image": ["img/zero.png"], "prompt": "a"}),
-              json.dumps({"image": "img/0.png", "edit_image": ["img/cut.png"], "prompt": "b"}),
-              json.dumps({"image": "img/0.png", "edit_image": [], "prompt": " "}),
-              json.dumps({"edit_image": ["img/0.png"], "prompt": "no target"})]
+    lines += [
+        json.dumps({"image": "img/0.png", "edit_image": ["img/zero.png"], "prompt": "a"}),
+        json.dumps({"image": "img/0.png", "edit_image": ["img/cut.png"], "prompt": "b"}),
+        json.dumps({"image": "img/0.png", "edit_image": [], "prompt": " "}),
+        json.dumps({"edit_image": ["img/0.png"], "prompt": "no target"}),
+    ]
     meta.write_text("\n".join(lines) + "\n")
     report = check_dataset(f"diffsynth:{meta}", pixel_budgets=[4096, 16384], multiple=8)
     assert report.rows == N + 4 and [row for row, _ in report.bad] == [5, 6, 7, 8]

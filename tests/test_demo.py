@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "compose"
 PROMPT = (EXAMPLE / "prompt.txt").read_text().strip()
 SERVER_START_S = 240  # loading torch, diffusers, Gradio and the model on a busy 2-core machine
-needs_gradio = pytest.mark.skipif(importlib.util.find_spec("gradio") is None,
-                                  reason="needs Gradio: pip install -e '.[demo]' (or '.[test]')")
+needs_gradio = pytest.mark.skipif(
+    importlib.util.find_spec("gradio") is None, reason="needs Gradio: pip install -e '.[demo]' (or '.[test]')"
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,8 @@ def test_plan_table_is_the_planner_and_token_count_of_both_modes(pipe, refs):
         plan = plan_reference_sizes(sizes, budget, multiple=m, mode=mode)
         for k, (h, w) in enumerate(plan):
             assert table.rows[k][0] == f"ref {k + 1}" and table.rows[k][1] == f"{sizes[k][0]}x{sizes[k][1]}"
-            assert table.rows[k][col:col + 2] == [f"{h}x{w}", str((h // m) * (w // m))]
-        assert table.rows[-2][col:col + 2] == ["64x64", str((64 // m) ** 2)]
+            assert table.rows[k][col : col + 2] == [f"{h}x{w}", str((h // m) * (w // m))]
+        assert table.rows[-2][col : col + 2] == ["64x64", str((64 // m) ** 2)]
         total = sum((h // m) * (w // m) for h, w in [target, *plan])
         assert table.tokens[mode] == total and table.rows[-1][col + 1] == str(total)
         assert table.rows[-1][col] == f"{sum(h * w for h, w in plan)} px"
@@ -85,14 +86,17 @@ def test_plan_table_names_too_many_references_for_the_budget(pipe, refs):
     assert table.rows[0][2:4] == ["-", "-"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"pixel_budget": "lots"}, "pixel budget must be a whole number"),
-    ({"pixel_budget": 10}, "pixel budget must be in 64.."),
-    ({"pixel_budget": 16384.5}, "pixel budget must be a whole number"),
-    ({"pixel_budget": 16384, "height": 60, "width": 64}, "output height 60 must be a multiple of 8"),
-    ({"pixel_budget": 16384, "height": 64, "width": 0}, "give both height and width"),
-    ({"pixel_budget": 16384, "height": 65536, "width": 65536}, "megapixels"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"pixel_budget": "lots"}, "pixel budget must be a whole number"),
+        ({"pixel_budget": 10}, "pixel budget must be in 64.."),
+        ({"pixel_budget": 16384.5}, "pixel budget must be a whole number"),
+        ({"pixel_budget": 16384, "height": 60, "width": 64}, "output height 60 must be a multiple of 8"),
+        ({"pixel_budget": 16384, "height": 64, "width": 0}, "give both height and width"),
+        ({"pixel_budget": 16384, "height": 65536, "width": 65536}, "megapixels"),
+    ],
+)
 def test_plan_table_rejects_bad_numbers_in_one_line(pipe, refs, kwargs, message):
     with pytest.raises(DemoError, match=message) as info:
         plan_table(pipe, refs, **kwargs)
@@ -136,10 +140,10 @@ def test_load_references_keeps_order_and_reports_bad_files_by_name(tmp_path):
 def test_load_references_sees_new_content_at_the_same_path(tmp_path):
     path = tmp_path / "ref.png"
     Image.new("RGB", (32, 48), (255, 0, 0)).save(path)
-    (_, first), = load_references([path])[0]
+    ((_, first),) = load_references([path])[0]
     Image.new("RGB", (40, 40), (0, 0, 255)).save(path)
     os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
-    (_, second), = load_references([path])[0]
+    ((_, second),) = load_references([path])[0]
     assert first.size == (32, 48) and second.size == (40, 40)
 
 
@@ -157,17 +161,20 @@ def test_edit_runs_the_default_model(pipe, refs):
     assert wide.size == (96, 64)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"prompt": "   "}, "the prompt is empty"),
-    ({"images": []}, "no references"),
-    ({"pixel_budget": 150}, "pixel budget 150: .* too small for 3 reference.*; raise it or remove references"),
-    ({"steps": 0}, "steps must be in 1..1000"),
-    ({"guidance": 0.5}, "guidance must be a finite number >= 1"),
-    ({"guidance": "strong"}, "guidance must be a number >= 1"),
-    ({"seed": -1}, "seed must be in 0.."),
-    ({"budget_mode": "both"}, "budget mode must be one of SELF global, per image"),
-    ({"height": 64, "width": 70}, "output width 70 must be a multiple of 8"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt": "   "}, "the prompt is empty"),
+        ({"images": []}, "no references"),
+        ({"pixel_budget": 150}, "pixel budget 150: .* too small for 3 reference.*; raise it or remove references"),
+        ({"steps": 0}, "steps must be in 1..1000"),
+        ({"guidance": 0.5}, "guidance must be a finite number >= 1"),
+        ({"guidance": "strong"}, "guidance must be a number >= 1"),
+        ({"seed": -1}, "seed must be in 0.."),
+        ({"budget_mode": "both"}, "budget mode must be one of SELF global, per image"),
+        ({"height": 64, "width": 70}, "output width 70 must be a multiple of 8"),
+    ],
+)
 def test_edit_rejects_bad_requests_in_one_line(pipe, refs, kwargs, message):
     args = {"images": refs, "prompt": PROMPT, "steps": 1, **kwargs}
     with pytest.raises(DemoError, match=message) as info:
@@ -186,12 +193,15 @@ def test_synthetic_task_run_and_scores(pipe, tmp_path):
     assert len(edit_task.images) == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (("paint", 3, 0), "task kind must be one of"),
-    (("compose", 7, 0), "references must be in 2..6"),
-    (("compose", 3, -2), "task seed must be in 0.."),
-    (("compose", 3, 0, "holdout"), "split must be one of train, val, test"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("paint", 3, 0), "task kind must be one of"),
+        (("compose", 7, 0), "references must be in 2..6"),
+        (("compose", 3, -2), "task seed must be in 0.."),
+        (("compose", 3, 0, "holdout"), "split must be one of train, val, test"),
+    ],
+)
 def test_sample_synthetic_rejects_bad_fields(args, message):
     with pytest.raises(DemoError, match=message):
         sample_synthetic(*args)
@@ -261,8 +271,10 @@ def test_page_synthetic_tab(handlers):
 
 
 def test_import_uniref_does_not_import_gradio():
-    code = ("import sys, uniref, uniref.cli, uniref.demo; uniref.cli.build_parser(); "
-            "assert 'gradio' not in sys.modules, 'gradio imported'")
+    code = (
+        "import sys, uniref, uniref.cli, uniref.demo; uniref.cli.build_parser(); "
+        "assert 'gradio' not in sys.modules, 'gradio imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
@@ -280,9 +292,19 @@ def start_demo(log_dir: Path, *args: str) -> tuple[subprocess.Popen, str]:
     log_path = log_dir / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from uniref.cli import main; sys.exit(main())", "demo",
-             "--port", str(port), *args],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [
+                sys.executable,
+                "-c",
+                "import sys; from uniref.cli import main; sys.exit(main())",
+                "demo",
+                "--port",
+                str(port),
+                *args,
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + SERVER_START_S
@@ -335,9 +357,20 @@ def test_demo_command_listens_on_localhost_by_default_without_warning(tmp_path):
 
 def test_demo_command_bad_model_is_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from uniref.cli import main; sys.exit(main())", "demo",
-         "--model", str(tmp_path / "nowhere"), "--port", str(_free_port())],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from uniref.cli import main; sys.exit(main())",
+            "demo",
+            "--model",
+            str(tmp_path / "nowhere"),
+            "--port",
+            str(_free_port()),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -349,7 +382,10 @@ def test_demo_command_bad_model_is_one_line(tmp_path):
 def test_demo_command_rejects_a_bad_port():
     result = subprocess.run(
         [sys.executable, "-c", "import sys; from uniref.cli import main; sys.exit(main())", "demo", "--port", "0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2 and "is not a port number (1..65535)" in result.stderr
 
@@ -361,10 +397,21 @@ def test_demo_command_port_in_use_is_one_line():
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-c", "import sys; from uniref.cli import main; sys.exit(main())", "demo",
-             "--port", str(port)],
-            cwd=ROOT, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-c",
+                "import sys; from uniref.cli import main; sys.exit(main())",
+                "demo",
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
     assert result.returncode == 2
-    assert result.stderr == (f"uniref demo: cannot listen on 127.0.0.1:{port} (in use, or not an address of this "
-                             "machine); pick another --port or --host\n")
+    assert result.stderr == (
+        f"uniref demo: cannot listen on 127.0.0.1:{port} (in use, or not an address of this "
+        "machine); pick another --port or --host\n"
+    )

@@ -26,15 +26,27 @@ EXAMPLE = ROOT / "examples" / "compose"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 # The browser runs without network and without any profile state of its own.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--window-size=1280,1500"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,1500",
+]
 STEPS = 4
 
 
 def _missing() -> list[str]:
-    missing = [f"{name} ({path})" for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER))
-               if not os.access(path, os.X_OK)]
+    missing = [
+        f"{name} ({path})"
+        for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER))
+        if not os.access(path, os.X_OK)
+    ]
     for module in ("selenium", "gradio"):
         try:
             __import__(module)
@@ -69,8 +81,9 @@ def browser(tmp_path):
     for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
         options.add_argument(flag)
     # Service with an explicit path: Selenium Manager (which would download a driver) never runs.
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")),
-                              options=options)
+    driver = webdriver.Chrome(
+        service=Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")), options=options
+    )
     driver.set_page_load_timeout(60)
     driver.set_script_timeout(60)
     try:
@@ -103,8 +116,11 @@ def test_demo_in_a_browser(demo_server, browser, tmp_path):
 
     proc, url = demo_server
     browser.get(url)
-    upload = _wait(browser, "the references' upload field",
-                   lambda d: d.find_elements(By.CSS_SELECTOR, "#references input[type=file]"))[0]
+    upload = _wait(
+        browser,
+        "the references' upload field",
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#references input[type=file]"),
+    )[0]
 
     # references, prompt and a short run; the plan appears as soon as the references are in
     upload.send_keys("\n".join(str(EXAMPLE / f"ref{k}.png") for k in (1, 2, 3)))
@@ -114,8 +130,12 @@ def test_demo_in_a_browser(demo_server, browser, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys((EXAMPLE / "prompt.txt").read_text().strip())
     _set_number(browser, "#steps input[type=number]", STEPS)
     browser.find_element(By.ID, "run").click()
-    links = _wait(browser, "the download link of the output",
-                  lambda d: d.find_elements(By.CSS_SELECTOR, "#download a[href]"), timeout=180)
+    links = _wait(
+        browser,
+        "the download link of the output",
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#download a[href]"),
+        timeout=180,
+    )
     message = browser.find_element(By.ID, "message").text
     assert f"{STEPS} steps" in message, message
     _wait(browser, "the output image", lambda d: d.find_elements(By.CSS_SELECTOR, "#output img[src]"))
@@ -138,8 +158,9 @@ def test_demo_in_a_browser(demo_server, browser, tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"this is not an image" * 10)
     browser.find_element(By.CSS_SELECTOR, "#references input[type=file]").send_keys(str(corrupt))
-    _wait(browser, "the error message about corrupt.png",
-          lambda d: "corrupt.png" in d.find_element(By.ID, "message").text)
+    _wait(
+        browser, "the error message about corrupt.png", lambda d: "corrupt.png" in d.find_element(By.ID, "message").text
+    )
     message = browser.find_element(By.ID, "message").text
     assert "Error" in message and "Traceback" not in browser.page_source, message
     browser.save_screenshot(str(tmp_path / "demo-error.png"))
@@ -147,13 +168,17 @@ def test_demo_in_a_browser(demo_server, browser, tmp_path):
 
     # the synthetic world: a sampled task is run and scored
     next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if "Synthetic" in t.text).click()
-    _wait(browser, "the sampled task's instruction",
-          lambda d: d.find_element(By.CSS_SELECTOR, "#syn-prompt textarea").get_attribute("value"))
+    _wait(
+        browser,
+        "the sampled task's instruction",
+        lambda d: d.find_element(By.CSS_SELECTOR, "#syn-prompt textarea").get_attribute("value"),
+    )
     _set_number(browser, "#syn-steps input[type=number]", STEPS)
     browser.find_element(By.ID, "syn-run").click()
     _wait(browser, "the reward scores", lambda d: "overall" in d.find_element(By.ID, "syn-scores").text, timeout=180)
-    _wait(browser, "references | output | exact answer",
-          lambda d: d.find_elements(By.CSS_SELECTOR, "#syn-strip img[src]"))
+    _wait(
+        browser, "references | output | exact answer", lambda d: d.find_elements(By.CSS_SELECTOR, "#syn-strip img[src]")
+    )
     scores = browser.find_element(By.ID, "syn-scores").text.split()
     assert all(0 <= float(v) <= 1 for v in scores[-4:]), scores
     browser.save_screenshot(str(tmp_path / "demo-synthetic.png"))

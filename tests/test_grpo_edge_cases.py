@@ -20,8 +20,9 @@ def test_advantages_of_rewards_far_from_one_match_float64(magnitude, aggregate, 
     ids = torch.arange(12) // 4
     weights = torch.tensor([1.0, 0.5], dtype=torch.float64)
     got, stats = group_advantages(rewards.float(), ids, weights.float(), aggregate=aggregate, eps=eps)
-    want, _ = group_advantages_reference(rewards.float().double(), ids, weights, aggregate == "normalize_then_sum",
-                                         False, eps, 5.0)
+    want, _ = group_advantages_reference(
+        rewards.float().double(), ids, weights, aggregate == "normalize_then_sum", False, eps, 5.0
+    )
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     assert stats["zero_std_fraction"] == pytest.approx(1 / 3)
     if magnitude >= 1e20 or eps == 0:  # eps is negligible: the advantages of a non-constant group are +-O(1)

@@ -23,7 +23,9 @@ def reference_loss_and_grad(x_next, mean, old, adv, std, clip_range, mean_ref, b
     """float64 reference on the same (possibly low-precision) values, and d loss / d mean by autograd."""
     up = [None if t is None else t.detach().to(F64) for t in (x_next, mean, old, adv, std, mean_ref, kl_std)]
     m = up[1].clone().requires_grad_()
-    loss, stats = ref.flow_grpo_loss_reference(up[0], m, up[2], up[3], up[4], clip_range, up[5], beta, up[6], kind == "sde")
+    loss, stats = ref.flow_grpo_loss_reference(
+        up[0], m, up[2], up[3], up[4], clip_range, up[5], beta, up[6], kind == "sde"
+    )
     (grad,) = torch.autograd.grad(loss, m)
     return loss.detach(), stats, grad
 
@@ -44,18 +46,24 @@ def test_loss_matches_reference(device, dtype, kind, beta, clip_regime, poison):
     if dtype != F64:
         old, adv, std = (t.float() for t in (old, adv, std))
     if kind == "cps":  # old log-probs in the cps convention, shifted the same way
-        old = old - ref.log_prob_reference(x_next, mean, std) + ref.log_prob_reference(x_next, mean, std, gaussian=False)
+        old = (
+            old - ref.log_prob_reference(x_next, mean, std) + ref.log_prob_reference(x_next, mean, std, gaussian=False)
+        )
     mean = mean.clone().requires_grad_()
     loss, stats = grpo.flow_grpo_loss(x_next, mean, old, adv, std, 1e-4, mean_ref, beta, kind=kind)
     loss.backward()
-    exp_loss, exp_stats, exp_grad = reference_loss_and_grad(x_next, mean, old, adv, std, 1e-4, mean_ref, beta, None, kind)
+    exp_loss, exp_stats, exp_grad = reference_loss_and_grad(
+        x_next, mean, old, adv, std, 1e-4, mean_ref, beta, None, kind
+    )
     out_dtype = F64 if dtype == F64 else torch.float32
     assert loss.dtype == out_dtype and all(v.dtype == out_dtype for v in stats.values())
     tol = TOL[dtype]
     torch.testing.assert_close(loss.double().cpu(), exp_loss.cpu(), rtol=tol, atol=tol)
     for key in ("log_prob", "ratio", "kl"):
         torch.testing.assert_close(stats[key].double().cpu(), exp_stats[key].cpu(), rtol=tol, atol=tol)
-    assert stats["clip_fraction"].item() == exp_stats["clip_fraction"].item() == (1.0 if clip_regime == "outside" else 0.0)
+    assert (
+        stats["clip_fraction"].item() == exp_stats["clip_fraction"].item() == (1.0 if clip_regime == "outside" else 0.0)
+    )
     assert mean.grad.dtype == dtype and mean.grad.shape == mean.shape
     grad_tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else tol
     atol = grad_tol * exp_grad.abs().max().item()
@@ -65,7 +73,9 @@ def test_loss_matches_reference(device, dtype, kind, beta, clip_regime, poison):
 @pytest.mark.parametrize("device", DEVICES)
 def test_loss_awkward_shapes_and_kl_std(device, poison):
     for n, shape in [(1, (1,)), (1, (5, 3)), (7, (11,)), (3, (2, 3, 5, 7))]:
-        x_next, mean, old, adv, std, mean_ref = (t.to(device) for t in loss_inputs(n=n, shape=shape, dtype=torch.float32))
+        x_next, mean, old, adv, std, mean_ref = (
+            t.to(device) for t in loss_inputs(n=n, shape=shape, dtype=torch.float32)
+        )
         kl_std = std * 2.5
         mean = mean.clone().requires_grad_()
         loss, stats = grpo.flow_grpo_loss(x_next, mean, old, adv, std, 1e-4, mean_ref, 0.5, kl_std)
@@ -199,7 +209,9 @@ def test_advantages_match_reference(device, aggregate, std, dtype, poison):
     assert stats["num_groups"] == ids.unique().numel()
     assert stats["zero_std_fraction"].item() == pytest.approx(1 / stats["num_groups"])
     torch.testing.assert_close(stats["source_mean"].double(), rewards.double().mean(0), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(stats["source_std"].double(), rewards.double().std(0, correction=0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        stats["source_std"].double(), rewards.double().std(0, correction=0), rtol=1e-6, atol=1e-6
+    )
     assert ("zero_std_fraction_per_source" in stats) == (aggregate == "normalize_then_sum")
 
 
@@ -212,8 +224,9 @@ def test_advantages_singletons_and_all_equal_are_zero_not_nan(device, poison):
         assert torch.equal(adv, torch.zeros(6, device=device))
         assert stats["zero_std_fraction"].item() == 1.0
     # every reward equal: the batch std is 0 too, still 0
-    adv, _ = grpo.group_advantages(torch.full((5, 2), 7.0, device=device), torch.zeros(5, dtype=torch.int64, device=device),
-                                   aggregate="normalize_then_sum", std="batch", eps=0.0)  # fmt: skip
+    same = torch.full((5, 2), 7.0, device=device)
+    one_group = torch.zeros(5, dtype=torch.int64, device=device)
+    adv, _ = grpo.group_advantages(same, one_group, aggregate="normalize_then_sum", std="batch", eps=0.0)
     assert torch.equal(adv, torch.zeros(5, device=device))
 
 
@@ -302,7 +315,8 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.uniref.flow_grpo_loss.default, args)
     coef = torch.randn(3, 2, device=device)
     torch.library.opcheck(
-        torch.ops.uniref.flow_grpo_loss_backward.default, (torch.tensor(1.0, device=device), x_next, mean, mean_ref, coef)
+        torch.ops.uniref.flow_grpo_loss_backward.default,
+        (torch.tensor(1.0, device=device), x_next, mean, mean_ref, coef),
     )
     rewards, ids, weights = advantage_case(device=device)
     for normalize_first in (False, True):
@@ -330,6 +344,7 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(m_comp.grad, m_eager.grad)
 
     rewards, ids, weights = advantage_case(device=device)
+
     def advantages(r, i, w):
         return torch.ops.uniref.group_advantages(r, i, w, True, False, 1e-4, 5.0)[0]
 

@@ -27,7 +27,9 @@ def sde_from_scratch(x, v, s, s_next, a, noise, kind):
         mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
         sigma_step = std_t * math.sqrt(-dt)
         x_next = mean + sigma_step * noise
-        density = -((x_next - mean) ** 2) / (2 * sigma_step**2) - math.log(sigma_step) - math.log(math.sqrt(2 * math.pi))
+        density = (
+            -((x_next - mean) ** 2) / (2 * sigma_step**2) - math.log(sigma_step) - math.log(math.sqrt(2 * math.pi))
+        )
         logp = np.mean(density)
     else:
         sigma_step = s_next * math.sin(a * math.pi / 2)
@@ -61,7 +63,9 @@ def test_sde_step_matches_from_scratch(case, kind):
     sigma_next = torch.tensor(sig_next, dtype=F64) if per_sample else sig_next[0]
     out = grpo.sde_step_with_logprob(x, v, sigma, sigma_next, a, kind=kind, noise=noise)
     for i in range(3):
-        xn, mean, logp, sstd = sde_from_scratch(x[i].numpy(), v[i].numpy(), sig[i], sig_next[i], a, noise[i].numpy(), kind)
+        xn, mean, logp, sstd = sde_from_scratch(
+            x[i].numpy(), v[i].numpy(), sig[i], sig_next[i], a, noise[i].numpy(), kind
+        )
         np.testing.assert_allclose(out[0][i].numpy(), xn, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(out[1][i].numpy(), mean, rtol=1e-12, atol=1e-12)
         assert out[2][i].item() == pytest.approx(logp, rel=1e-12, abs=1e-12)

@@ -55,7 +55,9 @@ LOSS_SHAPES = {
 }
 
 
-def run_kernels(x_next, mean, mean_ref, old, adv, std, kl_std, clip_range, beta, gaussian, split, block, grad_scale=1.0):
+def run_kernels(
+    x_next, mean, mean_ref, old, adv, std, kl_std, clip_range, beta, gaussian, split, block, grad_scale=1.0
+):
     out = kernels.flow_grpo_loss_forward(
         x_next, mean, mean_ref, old, adv, std, kl_std, clip_range, beta, gaussian, block=block, split=split
     )
@@ -104,13 +106,17 @@ def test_loss_kernels_match_reference(shape, beta, kind, dtype, poison):
         t.to(DEVICE) for t in loss_inputs(n=n, shape=sample_shape, clip_regime="mixed", latent_dtype=dtype)
     )
     if not gaussian:
-        old = old - ref.log_prob_reference(x_next, mean, std) + ref.log_prob_reference(x_next, mean, std, gaussian=False)
+        old = (
+            old - ref.log_prob_reference(x_next, mean, std) + ref.log_prob_reference(x_next, mean, std, gaussian=False)
+        )
     x_next, mean, mean_ref = (t.to(dtype) for t in (x_next, mean, mean_ref))
     old, adv, std = (t.float() for t in (old, adv, std))
     kl_std = std * 1.5
     has_ref = beta != 0 or n % 2 == 1  # mean_ref without beta: kl reported, no gradient term
     mref = mean_ref if has_ref else None
-    out, grad = run_kernels(x_next, mean, mref, old, adv, std, kl_std, 1e-4, beta, gaussian, split, block, grad_scale=0.5)
+    out, grad = run_kernels(
+        x_next, mean, mref, old, adv, std, kl_std, 1e-4, beta, gaussian, split, block, grad_scale=0.5
+    )
     exp = expected(x_next, mean, mref, old, adv, std, kl_std, 1e-4, beta, gaussian, grad_scale=0.5)
     check_loss(out, grad, exp, dtype, has_ref)
 
@@ -142,8 +148,12 @@ def test_loss_kernels_strided_rows_and_mixed_dtypes(poison):
 
 def test_loss_kernels_are_deterministic():
     x_next, mean, old, adv, std, mean_ref = (t.to(DEVICE) for t in loss_inputs(n=3, shape=(200,), dtype=torch.float32))
-    first = kernels.flow_grpo_loss_forward(x_next, mean, mean_ref, old, adv, std, std, 1e-4, 0.1, True, block=32, split=4)
-    again = kernels.flow_grpo_loss_forward(x_next, mean, mean_ref, old, adv, std, std, 1e-4, 0.1, True, block=32, split=4)
+    first = kernels.flow_grpo_loss_forward(
+        x_next, mean, mean_ref, old, adv, std, std, 1e-4, 0.1, True, block=32, split=4
+    )
+    again = kernels.flow_grpo_loss_forward(
+        x_next, mean, mean_ref, old, adv, std, std, 1e-4, 0.1, True, block=32, split=4
+    )
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
@@ -173,7 +183,9 @@ def test_loss_kernels_property(n, d, split, block, beta, gaussian, seed):
         t.to(DEVICE) for t in loss_inputs(n=n, shape=(d,), dtype=torch.float32, seed=seed)
     )
     if not gaussian:
-        old = old - ref.log_prob_reference(x_next, mean, std) + ref.log_prob_reference(x_next, mean, std, gaussian=False)
+        old = (
+            old - ref.log_prob_reference(x_next, mean, std) + ref.log_prob_reference(x_next, mean, std, gaussian=False)
+        )
     out, grad = run_kernels(x_next, mean, mean_ref, old, adv, std, std, 1e-4, beta, gaussian, split, block)
     exp = expected(x_next, mean, mean_ref, old, adv, std, std, 1e-4, beta, gaussian)
     check_loss(out, grad, exp, torch.float32, True)

@@ -21,16 +21,30 @@ from uniref.lora import (
 )
 from uniref.models.transformer import UniRefTransformer2DModel
 
-TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=16, axes_dims_rope=(4, 6, 6))
+TINY = dict(
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    axes_dims_rope=(4, 6, 6),
+)
 
 
 def random_lora(model, seed=0, modules=None) -> LoraWeights:
     """Random A and B on some Linear modules, with a different rank and alpha per module."""
     g = torch.Generator().manual_seed(seed)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    names = modules or ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_k_proj",
-                        "transformer_blocks.0.img_mlp.net.2", "transformer_blocks.1.txt_mod.1", "img_in", "proj_out"]
+    names = modules or [
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.1.attn.add_k_proj",
+        "transformer_blocks.0.img_mlp.net.2",
+        "transformer_blocks.1.txt_mod.1",
+        "img_in",
+        "proj_out",
+    ]
     out = {}
     for i, name in enumerate(names):
         m, r = linears[name], 2 + i % 3
@@ -73,8 +87,9 @@ def test_adapters_on_the_model_add_alpha_over_r_times_b_a(model, tmp_path):
     base = copy.deepcopy(model)
     inject_lora(model, weights)
     got = adapter_weights(model)
-    assert all(torch.equal(got.modules[n][0], a) and got.modules[n][2] == alpha
-               for n, (a, _, alpha) in weights.modules.items())
+    assert all(
+        torch.equal(got.modules[n][0], a) and got.modules[n][2] == alpha for n, (a, _, alpha) in weights.modules.items()
+    )
     merge_adapters(model)
     assert not any("lora" in n for n, _ in model.named_parameters())
     for name, (a, b, alpha) in weights.modules.items():
@@ -98,8 +113,10 @@ def test_loading_a_lora_file_that_does_not_fit_is_refused(model, tmp_path):
     with pytest.raises(LoraError, match="keys of no known LoRA format"):
         read_lora(tmp_path / "bad.safetensors")
     stem = "lora_unet_transformer_blocks_0_attn_to_zz"
-    save_file({f"{stem}.lora_down.weight": torch.zeros(2, 2), f"{stem}.lora_up.weight": torch.zeros(2, 2)},
-              tmp_path / "k.safetensors")
+    save_file(
+        {f"{stem}.lora_down.weight": torch.zeros(2, 2), f"{stem}.lora_up.weight": torch.zeros(2, 2)},
+        tmp_path / "k.safetensors",
+    )
     with pytest.raises(LoraError, match="no module of the Qwen-Image transformer"):
         read_lora(tmp_path / "k.safetensors")
 
@@ -119,8 +136,9 @@ def test_diffusers_pipeline_loads_our_lora_to_the_same_latents(tmp_path):
     ours.load_lora(file, merge=True)
     rng = np.random.default_rng(0)
     refs = [PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))]
-    common = dict(prompt="make it red", negative_prompt="", true_cfg_scale=1.0, num_inference_steps=3,
-                  output_type="latent")
+    common = dict(
+        prompt="make it red", negative_prompt="", true_cfg_scale=1.0, num_inference_steps=3, output_type="latent"
+    )
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen_module
 
     size = qwen_module.VAE_IMAGE_SIZE
@@ -129,8 +147,15 @@ def test_diffusers_pipeline_loads_our_lora_to_the_same_latents(tmp_path):
         expected = qwen(image=refs, height=64, width=64, generator=torch.Generator().manual_seed(1), **common).images[0]
     finally:
         qwen_module.VAE_IMAGE_SIZE = size
-    got = ours(refs, pixel_budget=64 * 64, budget_mode="per_image", height=64, width=64,
-               generator=torch.Generator().manual_seed(1), **common).images[0]
+    got = ours(
+        refs,
+        pixel_budget=64 * 64,
+        budget_mode="per_image",
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(1),
+        **common,
+    ).images[0]
     import uniref
 
     got = uniref.pack_latents([[got]]).tokens
@@ -138,6 +163,13 @@ def test_diffusers_pipeline_loads_our_lora_to_the_same_latents(tmp_path):
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
     plain = UniRefEditPipeline.from_qwenimage_edit(tiny_qwen_edit_plus(), target_pixels=64 * 64)
     plain.set_progress_bar_config(disable=True)
-    without = plain(refs, pixel_budget=64 * 64, budget_mode="per_image", height=64, width=64,
-                    generator=torch.Generator().manual_seed(1), **common).images[0]
+    without = plain(
+        refs,
+        pixel_budget=64 * 64,
+        budget_mode="per_image",
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(1),
+        **common,
+    ).images[0]
     assert (uniref.pack_latents([[without]]).tokens - expected).abs().max() > 1e-3  # the LoRA changed the output

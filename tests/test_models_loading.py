@@ -13,8 +13,16 @@ import uniref
 from uniref.models.loading import WeightsError, safetensors_index
 from uniref.models.transformer import UniRefTransformer2DModel
 
-TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=3, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+TINY = dict(
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=3,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    axes_dims_rope=(4, 6, 6),
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +101,32 @@ def _drop_tensor(folder):
         (lambda f: sorted(f.glob("*-00001-of-*.safetensors"))[0].write_bytes(b"garbage"), "not a readable safetensors"),
         (_corrupt_shape, r"-00001-of-\d+\.safetensors: tensor '\S+' has shape \[3, 3\] but the .* expects"),
         (_drop_tensor, r"tensor 'txt_norm\.weight' is missing \(1 missing in all\)"),
-        (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()),
-                                                               "num_layers": 2})), "is not part of the UniRefTransformer2DModel"),
-        (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()),
-                                                               "use_layer3d_rope": True})), "use_layer3d_rope"),
+        (
+            lambda f: (f / "config.json").write_text(
+                json.dumps({**json.loads((f / "config.json").read_text()), "num_layers": 2})
+            ),
+            "is not part of the UniRefTransformer2DModel",
+        ),
+        (
+            lambda f: (f / "config.json").write_text(
+                json.dumps({**json.loads((f / "config.json").read_text()), "use_layer3d_rope": True})
+            ),
+            "use_layer3d_rope",
+        ),
         (lambda f: (f / "config.json").unlink(), "has no config.json"),
         (lambda f: (f / "config.json").write_text("{"), "is not valid JSON"),
     ],
-    ids=["no-index", "missing-shard", "corrupt-shard", "wrong-shape", "missing-tensor", "fewer-layers",
-         "unsupported-option", "no-config", "bad-config"],
+    ids=[
+        "no-index",
+        "missing-shard",
+        "corrupt-shard",
+        "wrong-shape",
+        "missing-tensor",
+        "fewer-layers",
+        "unsupported-option",
+        "no-config",
+        "bad-config",
+    ],
 )
 def test_bad_folders_are_refused_with_the_file_and_the_tensor(sharded, damage, message):
     damage(sharded)

@@ -10,8 +10,14 @@ from uniref.models.transformer import rope_positions
 diffusers = pytest.importorskip("diffusers")
 
 TINY = dict(
-    patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-    joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    axes_dims_rope=(4, 6, 6),
 )
 # three samples with 2, 1 and 4 images (target first) of different sizes, and prompts of 5, 9, 3 tokens
 LAYOUTS = [[(6, 4), (4, 4)], [(4, 8)], [(2, 2), (6, 6), (4, 2), (2, 8)]]
@@ -38,8 +44,13 @@ def diffusers_per_sample(ref, latents, texts, t):
     for i, sample in enumerate(latents):
         tokens, layout = uniref.pack_latents([sample])
         shapes = [[(1, x.shape[1] // 2, x.shape[2] // 2) for x in sample]]
-        out = ref(hidden_states=tokens[None], encoder_hidden_states=texts[i][None], timestep=t[i : i + 1],
-                  img_shapes=shapes, return_dict=False)[0][0]
+        out = ref(
+            hidden_states=tokens[None],
+            encoder_hidden_states=texts[i][None],
+            timestep=t[i : i + 1],
+            img_shapes=shapes,
+            return_dict=False,
+        )[0][0]
         outs.append(out[: layout.target_lengths[0]])
     return torch.cat(outs)
 
@@ -71,8 +82,13 @@ def test_diffusers_batch_is_wrong_for_mixed_sizes():
         expected = diffusers_per_sample(ref, latents, texts, t)
         tokens = torch.stack([uniref.pack_latents([s]).tokens for s in latents])
         shapes = [[(1, x.shape[1] // 2, x.shape[2] // 2) for x in s] for s in latents]
-        batched = ref(hidden_states=tokens, encoder_hidden_states=torch.stack(texts), timestep=t, img_shapes=shapes,
-                      return_dict=False)[0][:, :8].reshape(16, -1)
+        batched = ref(
+            hidden_states=tokens,
+            encoder_hidden_states=torch.stack(texts),
+            timestep=t,
+            img_shapes=shapes,
+            return_dict=False,
+        )[0][:, :8].reshape(16, -1)
         ours_out = ours(*_args(latents, texts, [6, 6], t))
     scale = expected.abs().max()
     assert (batched[:8] - expected[:8]).abs().max() <= 1e-4 * scale  # first sample: right
@@ -106,8 +122,11 @@ def test_gradients_reach_every_parameter():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     # Only image tokens leave the model, so the last block's text output path is unused, as in diffusers.
     last = f"transformer_blocks.{TINY['num_layers'] - 1}."
-    assert missing == {n for n, _ in model.named_parameters() if n.startswith(last + "attn.to_add_out")
-                       or n.startswith(last + "txt_mlp")}
+    assert missing == {
+        n
+        for n, _ in model.named_parameters()
+        if n.startswith(last + "attn.to_add_out") or n.startswith(last + "txt_mlp")
+    }
 
 
 def test_rope_positions_msrope():

@@ -70,8 +70,10 @@ def brute_force_global(sizes, budget, multiple):
     (or the all-minimum plan)."""
 
     def sized(scale):
-        return [tuple(max(multiple, multiple * math.floor(x * scale / multiple + Fraction(1, 2))) for x in (h, w))
-                for h, w in sizes]
+        return [
+            tuple(max(multiple, multiple * math.floor(x * scale / multiple + Fraction(1, 2))) for x in (h, w))
+            for h, w in sizes
+        ]
 
     def area(plan):
         return sum(a * b for a, b in plan)
@@ -123,8 +125,10 @@ def test_per_image_matches_qwen_rule():
     assert plan_reference_sizes([(512, 512)], 1024 * 1024, mode="per_image") == [(1024, 1024)]
 
 
-@pytest.mark.parametrize("size", [(480, 640), (640, 480), (1080, 1920), (1920, 1080), (768, 1360), (333, 1000),
-                                  (1000, 333), (17, 4000), (512, 512)])
+@pytest.mark.parametrize(
+    "size",
+    [(480, 640), (640, 480), (1080, 1920), (1920, 1080), (768, 1360), (333, 1000), (1000, 333), (17, 4000), (512, 512)],
+)
 @pytest.mark.parametrize("area", [1024 * 1024, 384 * 384, 1536 * 1536])
 def test_per_image_equals_diffusers_calculate_dimensions(size, area):
     """Per-image planning is Qwen-Image-Edit-Plus' own `calculate_dimensions`, on non-square references too

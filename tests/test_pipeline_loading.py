@@ -60,8 +60,11 @@ def test_a_misshaped_tensor_is_named(saved, tmp_path):
         t[key[0]] = t[key[0]][:-1].clone()
 
     file = _edit_weights(folder, "transformer", shrink)
-    with pytest.raises(PipelineLoadError, match=rf"{file}: tensor '{key[0]}' has shape \[\d+, \d+\] but the "
-                                                r"UniRefTransformer2DModel described by .* expects"):
+    with pytest.raises(
+        PipelineLoadError,
+        match=rf"{file}: tensor '{key[0]}' has shape \[\d+, \d+\] but the "
+        r"UniRefTransformer2DModel described by .* expects",
+    ):
         UniRefEditPipeline.from_pretrained(folder)
 
 
@@ -71,8 +74,11 @@ def test_a_config_with_fewer_layers_than_the_weights_is_refused(saved, tmp_path)
     last = config["num_layers"] - 1
     config["num_layers"] = last
     (folder / "transformer" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(PipelineLoadError, match=rf"tensor '[a-z_]+\.{last}\..*' is not part of the "
-                                                r"UniRefTransformer2DModel .* \(e\.g\. fewer layers\)"):
+    with pytest.raises(
+        PipelineLoadError,
+        match=rf"tensor '[a-z_]+\.{last}\..*' is not part of the "
+        r"UniRefTransformer2DModel .* \(e\.g\. fewer layers\)",
+    ):
         UniRefEditPipeline.from_pretrained(folder)
 
 
@@ -89,24 +95,37 @@ def test_uniref_edit_reports_the_tensor(saved, tmp_path, capsys):
     _edit_weights(folder, "transformer", lambda t: t.pop(sorted(t)[0]))
     PIL.Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     out = tmp_path / "out.png"
-    rc = main(["edit", "--image", str(tmp_path / "a.png"), "--prompt", "x", "--output", str(out),
-               "--model", str(folder)])
+    rc = main(
+        ["edit", "--image", str(tmp_path / "a.png"), "--prompt", "x", "--output", str(out), "--model", str(folder)]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith(f"uniref edit: --model: cannot load the pipeline, its files do not fit together: "
-                          f"{folder / 'transformer' / WEIGHTS}: tensor ") and "is missing" in err
+    assert (
+        err.startswith(
+            f"uniref edit: --model: cannot load the pipeline, its files do not fit together: "
+            f"{folder / 'transformer' / WEIGHTS}: tensor "
+        )
+        and "is missing" in err
+    )
     assert not out.exists()
 
 
 def test_qwen_prompt_encoder_never_opens_bin_files(tmp_path):
     """A folder with only a pytorch_model.bin (a loadable one: the point is that it is never opened)."""
     transformers = pytest.importorskip("transformers")
-    text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default"},
-                vocab_size=64)
+    text = dict(
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default"},
+        vocab_size=64,
+    )
     config = transformers.Qwen2_5_VLConfig(
-        text_config=text, vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
-                                             out_hidden_size=16), vocab_size=64,
+        text_config=text,
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        vocab_size=64,
     )
     model = transformers.Qwen2_5_VLForConditionalGeneration(config)
     folder = tmp_path / "text_encoder" / QwenVLPromptEncoder._model_folder

@@ -84,8 +84,17 @@ def test_budget_modes_set_reference_tokens(pipe, mode):
     tokens = []
     for k in (1, 2, 4):
         with Spy(pipe.transformer) as spy:
-            pipe(refs[:k], "x", num_inference_steps=2, true_cfg_scale=1.0, pixel_budget=budget, budget_mode=mode,
-                 height=32, width=32, output_type="latent")
+            pipe(
+                refs[:k],
+                "x",
+                num_inference_steps=2,
+                true_cfg_scale=1.0,
+                pixel_budget=budget,
+                budget_mode=mode,
+                height=32,
+                width=32,
+                output_type="latent",
+            )
         layout = spy.calls[0][0]
         target, *ref_counts = layout.image_tokens(0)
         assert target == 4  # 32x32 pixels -> 4x4 latent -> 2x2 tokens
@@ -100,8 +109,17 @@ def test_budget_modes_set_reference_tokens(pipe, mode):
 
 def test_guidance_runs_both_branches_in_one_forward(pipe, samples):
     images, prompts = samples
-    run = lambda **kw: pipe(images[1], prompts[1], num_inference_steps=2, output_type="latent",  # noqa: E731
-                            generator=torch.Generator().manual_seed(0), **kw).images[0]
+
+    def run(**kw):
+        return pipe(
+            images[1],
+            prompts[1],
+            num_inference_steps=2,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        ).images[0]
+
     with Spy(pipe.transformer) as spy:
         guided = run(true_cfg_scale=4.0, negative_prompt="ugly")
     layout, text_lengths = spy.calls[0]
@@ -114,8 +132,9 @@ def test_guidance_runs_both_branches_in_one_forward(pipe, samples):
 def test_output_types(pipe, samples):
     images, prompts = samples
     outs = {
-        t: pipe(images[0], prompts[0], num_inference_steps=2, generator=torch.Generator().manual_seed(1),
-                output_type=t).images[0]
+        t: pipe(
+            images[0], prompts[0], num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type=t
+        ).images[0]
         for t in ("pil", "np", "pt", "latent")
     }
     assert isinstance(outs["pil"], PIL.Image.Image) and outs["pil"].size == (80, 48)
@@ -137,8 +156,10 @@ def test_array_and_tensor_references(pipe):
     rng = np.random.default_rng(2)
     arr = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
     kw = dict(num_inference_steps=2, output_type="latent", height=32, width=32, pixel_budget=32 * 48)
-    outs = [pipe([img], "x", generator=torch.Generator().manual_seed(0), **kw).images[0]
-            for img in (PIL.Image.fromarray(arr), arr, arr / 255.0, torch.from_numpy(arr).permute(2, 0, 1) / 255.0)]
+    outs = [
+        pipe([img], "x", generator=torch.Generator().manual_seed(0), **kw).images[0]
+        for img in (PIL.Image.fromarray(arr), arr, arr / 255.0, torch.from_numpy(arr).permute(2, 0, 1) / 255.0)
+    ]
     assert all(torch.allclose(outs[0], o, atol=1e-5) for o in outs[1:])
 
 
@@ -201,12 +222,14 @@ def test_from_pretrained_without_folder_loads_the_embedded_default_model():
     pipe = UniRefEditPipeline.from_pretrained()
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.target_pixels == 64 * 64 and pipe.default_pixel_budget >= 64 * 64
-    size = sum(p.numel() * p.element_size() for c in (pipe.transformer, pipe.vae, pipe.text_encoder)
-               for p in c.parameters())
+    size = sum(
+        p.numel() * p.element_size() for c in (pipe.transformer, pipe.vae, pipe.text_encoder) for p in c.parameters()
+    )
     assert size < 50 * 2**20  # tens of MB at most
     task = uniref.synthetic.sample_task(3, "compose", 3, 64, "test")
-    out = pipe(task.images, task.prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-               output_type="np").images[0]
+    out = pipe(
+        task.images, task.prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images[0]
     assert out.shape == (64, 64, 3) and np.isfinite(out).all()
 
 
@@ -259,6 +282,7 @@ def test_loading_a_damaged_folder_is_a_clear_error(tmp_path, damage, message):
 # The Qwen-Image-Edit-Plus path, against diffusers' own pipeline
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def qwen_pipes():
     from uniref.testing.qwen import tiny_qwen_edit_plus
@@ -285,10 +309,24 @@ def test_from_qwenimage_edit_matches_diffusers_pipeline(qwen_pipes, monkeypatch)
     refs = [random_image(rng, 48, 80), random_image(rng, 96, 64)]
     common = dict(prompt="swap them", negative_prompt="blurry", true_cfg_scale=3.0, num_inference_steps=3)
     for output_type in ("latent", "np"):
-        expected = qwen(image=refs, height=64, width=64, generator=torch.Generator().manual_seed(5),
-                        output_type=output_type, **common).images[0]
-        got = ours(refs, pixel_budget=64 * 64, budget_mode="per_image", generator=torch.Generator().manual_seed(5),
-                   height=64, width=64, output_type=output_type, **common).images[0]
+        expected = qwen(
+            image=refs,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(5),
+            output_type=output_type,
+            **common,
+        ).images[0]
+        got = ours(
+            refs,
+            pixel_budget=64 * 64,
+            budget_mode="per_image",
+            generator=torch.Generator().manual_seed(5),
+            height=64,
+            width=64,
+            output_type=output_type,
+            **common,
+        ).images[0]
         if output_type == "latent":  # diffusers returns packed target tokens; ours the (C, h, w) latent
             got = uniref.pack_latents([[got]]).tokens
         expected = torch.as_tensor(expected)

@@ -17,7 +17,6 @@ def qwen_pipes():
     return qwen, UniRefEditPipeline.from_qwenimage_edit(qwen, target_pixels=64 * 64)
 
 
-
 def test_byte_text_encoder_packs_without_cross_talk():
     enc = ByteTextEncoder(embed_dim=24, hidden_dim=32, num_layers=2, num_heads=4, max_length=16).eval()
     prompts = ["a red car", "", "ünïcødé ✓", "x" * 40]

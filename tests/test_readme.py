@@ -39,7 +39,12 @@ def test_readme_main_job_runs(tmp_path):
     edit = main_job.split("&&")[-1].strip()
     assert edit.startswith("uniref edit") and "--model" not in edit and "--output edited.png" in edit
     out = tmp_path / "edited.png"
-    proc = subprocess.run(["bash", "-c", edit.replace("--output edited.png", f"--output {out}")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "-c", edit.replace("--output edited.png", f"--output {out}")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (64, 64)

@@ -35,9 +35,28 @@ def test_results_command_writes_tables_and_the_readme_block(tmp_path):
     pipe.save_pretrained(tmp_path / "model")
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n{START}\nold\n{END}\nafter\n")
-    args = ["--model", str(tmp_path / "model"), "--sft", str(tmp_path / "model"), "--out", str(tmp_path / "out"),
-            "--readme", str(readme), "--steps", "2", "--limit", "2", "--batch", "2", "--self-cases", "2",
-            "--example", str(ROOT / "examples" / "compose"), "--figure", str(tmp_path / "fig.png")]
+    args = [
+        "--model",
+        str(tmp_path / "model"),
+        "--sft",
+        str(tmp_path / "model"),
+        "--out",
+        str(tmp_path / "out"),
+        "--readme",
+        str(readme),
+        "--steps",
+        "2",
+        "--limit",
+        "2",
+        "--batch",
+        "2",
+        "--self-cases",
+        "2",
+        "--example",
+        str(ROOT / "examples" / "compose"),
+        "--figure",
+        str(tmp_path / "fig.png"),
+    ]
     assert main(args) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("# x\n\nbefore\n") and text.endswith(f"{END}\nafter\n")

@@ -83,8 +83,11 @@ def test_sampling_batch_builds_the_model_stream_without_packing_targets():
     anew, for guidance copies too, and samples without references hold no reference rows."""
     g = torch.Generator().manual_seed(0)
     target_sizes = [(4, 6), (2, 2), (6, 4)]
-    refs = [[torch.randn(3, 2, 4, generator=g), torch.randn(3, 4, 4, generator=g)], [],
-            [torch.randn(3, 2, 2, generator=g)]]
+    refs = [
+        [torch.randn(3, 2, 4, generator=g), torch.randn(3, 4, 4, generator=g)],
+        [],
+        [torch.randn(3, 2, 2, generator=g)],
+    ]
     batch = SamplingBatch.build(target_sizes, refs, copies=2, patch_size=2, channels=3)
     targets = [torch.randn(3, h, w, generator=g) for h, w in target_sizes]
     state = uniref.pack_latents([[t] for t in targets]).tokens
@@ -101,16 +104,19 @@ def test_denoise_runs_one_guided_forward_per_step():
 
     def model_fn(hidden, t, layout):
         calls.append((hidden.shape[0], t.tolist(), layout.batch_size))
-        return torch.ones(layout.total_tokens // 1, 12)[: sum(layout.target_lengths)] * t.repeat_interleave(
-            torch.tensor(layout.target_lengths))[:, None]
+        return (
+            torch.ones(layout.total_tokens // 1, 12)[: sum(layout.target_lengths)]
+            * t.repeat_interleave(torch.tensor(layout.target_lengths))[:, None]
+        )
 
     sizes = [(2, 2), (4, 2)]
     refs = [[torch.zeros(3, 2, 2)], [torch.zeros(3, 2, 2)]]
     batch = SamplingBatch.build(sizes, refs, copies=2, patch_size=2, channels=3)
     schedule = Schedule(torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.25, 0.0]]), torch.tensor([[1.0, 0.5], [1.0, 0.25]]))
     seen = []
-    out = denoise(model_fn, batch, schedule, torch.zeros(3, 12), guidance_scale=3.0,
-                  callback=lambda k, x: seen.append(k))
+    out = denoise(
+        model_fn, batch, schedule, torch.zeros(3, 12), guidance_scale=3.0, callback=lambda k, x: seen.append(k)
+    )
     assert len(calls) == 2 and seen == [0, 1]
     assert calls[0][2] == 4 and calls[0][1] == [1.0, 1.0, 1.0, 1.0]  # both guidance branches in one forward
     # cond == uncond == t: guidance keeps the velocity t; x = sum_k (sigma_{k+1} - sigma_k) * t_k
@@ -119,8 +125,9 @@ def test_denoise_runs_one_guided_forward_per_step():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=2, max_size=5), min_size=1,
-                max_size=4))
+@given(
+    st.lists(st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=2, max_size=5), min_size=1, max_size=4)
+)
 def test_rebuilding_the_image_stream_equals_packing_anew(layouts):
     """What the sampler does every step: keep the reference tokens, swap the targets, `concat_joint`."""
     g = torch.Generator().manual_seed(0)

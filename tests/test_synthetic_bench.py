@@ -131,8 +131,12 @@ def test_eval_runs_a_saved_pipeline_folder(tmp_path, capsys):
     from uniref.presets import random_edit_pipeline
 
     random_edit_pipeline("tiny").save_pretrained(tmp_path / "model")
-    assert main(["--model", str(tmp_path / "model"), "--suite", "compose-2-3", "--limit", "2",
-                 "--out", str(tmp_path / "o")]) == 0
+    assert (
+        main(
+            ["--model", str(tmp_path / "model"), "--suite", "compose-2-3", "--limit", "2", "--out", str(tmp_path / "o")]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "o" / "report.json").read_text())[str(tmp_path / "model")]
     assert report["compose-2-3"]["cases"] == 2
     assert 0.0 <= report["compose-2-3"]["overall"] <= 1.0
@@ -141,9 +145,7 @@ def test_eval_runs_a_saved_pipeline_folder(tmp_path, capsys):
 def test_eval_subcommand_plugs_into_a_parent_cli(tmp_path):
     parser = argparse.ArgumentParser(prog="uniref")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(
-        ["eval", "--model", "blank", "--suite", "edit", "--limit", "2", "--out", str(tmp_path)]
-    )
+    args = parser.parse_args(["eval", "--model", "blank", "--suite", "edit", "--limit", "2", "--out", str(tmp_path)])
     assert args.func(args) == 0 and (tmp_path / "blank" / "edit.json").is_file()
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--model", "blank", "--suite", "nope"])

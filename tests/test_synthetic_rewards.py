@@ -45,8 +45,7 @@ def test_exact_target_scores_at_least_095(kind, size):
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_trivial_outputs_score_low(baseline, kind):
     overall = [
-        score(t, BASELINES[baseline](t))["overall"]
-        for t in (sample_task(s, kind, split="test") for s in range(20))
+        score(t, BASELINES[baseline](t))["overall"] for t in (sample_task(s, kind, split="test") for s in range(20))
     ]
     assert np.mean(overall) < 0.1 and max(overall) < 0.5, overall
 
@@ -170,8 +169,7 @@ def test_scores_stay_in_unit_interval(seed, kind, mix, noise_seed):
 def test_batch_form_matches_single_scores_for_every_input_type():
     tasks = [sample_task(s, k, split="test") for s, k in zip(range(12), FAMILIES * 2)]
     outs = [
-        BASELINES["oracle" if i % 3 == 0 else "copy_first" if i % 3 == 1 else "noise"](t)
-        for i, t in enumerate(tasks)
+        BASELINES["oracle" if i % 3 == 0 else "copy_first" if i % 3 == 1 else "noise"](t) for i, t in enumerate(tasks)
     ]
     expected = torch.tensor([[score(t, o)[k] for k in REWARD_NAMES] for t, o in zip(tasks, outs)])
     arrays = [np.asarray(o) for o in outs]

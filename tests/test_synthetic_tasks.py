@@ -192,11 +192,7 @@ def test_split_tasks_are_disjoint_by_construction(kind):
                 # a training task shows no held-out combination of its family anywhere
                 for scene in (*spec.references, spec.target):
                     assert all(split_of(o.shape, o.colour, kind) == "train" for o in scene.objects)
-    assert (
-        not (seen["train"] & seen["val"])
-        and not (seen["train"] & seen["test"])
-        and not (seen["val"] & seen["test"])
-    )
+    assert not (seen["train"] & seen["val"]) and not (seen["train"] & seen["test"]) and not (seen["val"] & seen["test"])
 
 
 # --- errors ---------------------------------------------------------------------------------------------

@@ -113,9 +113,7 @@ def test_scene_rejects_objects_outside_the_image():
 def test_geometry_scales_with_size():
     assert px(8, 64) == 8 and px(8, 128) == 16 and px(12, 32) == 6 and px(0.1, 32) == 1
     bg = Background("stripes", ("white", "black"), False, 8)
-    np.testing.assert_array_equal(
-        render_background(bg, 64, 64, 64), render_background(bg, 128, 128, 128)[::2, ::2]
-    )
+    np.testing.assert_array_equal(render_background(bg, 64, 64, 64), render_background(bg, 128, 128, 128)[::2, ::2])
 
 
 def test_background_phrases_pin_the_pattern_down():

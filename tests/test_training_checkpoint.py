@@ -35,8 +35,9 @@ def test_killed_run_resumes_bitwise(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     run(path, ref, default_threads=True)  # bitwise at the thread count users run with, not only at one
     cmd = [sys.executable, str(RUN), "--config", str(path), "--output", str(killed)]
-    proc = subprocess.Popen(cmd, env=env(default_threads=True), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        cmd, env=env(default_threads=True), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
+    )
     deadline = time.time() + 300
     while not list_checkpoints(killed) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -66,8 +67,11 @@ def test_resume_argument_errors(tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path):
-    cfg = {**SFT, "optim": {"lr": 1e30, "weight_decay": 0.0, "schedule": "constant", "grad_clip": 0.0},
-           "checkpoint": {"every": 1, "keep_last": 5}}
+    cfg = {
+        **SFT,
+        "optim": {"lr": 1e30, "weight_decay": 0.0, "schedule": "constant", "grad_clip": 0.0},
+        "checkpoint": {"every": 1, "keep_last": 5},
+    }
     out = tmp_path / "out"
     proc = run(write(tmp_path, cfg), out, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -87,8 +91,11 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path):
 def finished_run(tmp_path_factory):
     """A 4-step SFT run with a checkpoint at every step, all kept: (its config file, its folder)."""
     root = tmp_path_factory.mktemp("run")
-    cfg = {**SFT, "sft": {**SFT["sft"], "stages": [{"pixel_budget": 4096, "steps": 4}]},
-           "checkpoint": {"every": 1, "keep_last": 4}}
+    cfg = {
+        **SFT,
+        "sft": {**SFT["sft"], "stages": [{"pixel_budget": 4096, "steps": 4}]},
+        "checkpoint": {"every": 1, "keep_last": 4},
+    }
     path = write(root, cfg)
     run(path, root / "out")
     return path, root / "out"
@@ -110,8 +117,10 @@ def test_resume_auto_skips_damaged_checkpoints_and_a_torn_metrics_line(finished_
     (step3 / "manifest.json").unlink()  # a save killed before its manifest
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.')  # a kill mid-line
-    assert verify_checkpoint(step4) == (f"state/zero_pp_rank_0_mp_rank_00_optim_states.pt has {size // 2} bytes, its "
-                                        f"manifest.json says {size} (truncated?)")
+    assert verify_checkpoint(step4) == (
+        f"state/zero_pp_rank_0_mp_rank_00_optim_states.pt has {size // 2} bytes, its "
+        f"manifest.json says {size} (truncated?)"
+    )
     assert find_checkpoint("auto", out) == out / "checkpoints" / "step-00000002"
     proc = run(path, out, "--resume", "auto")
     skipped4 = "--resume auto: skipped checkpoint step-00000004: state/zero_pp_rank_0_mp_rank_00_optim_states.pt has"
@@ -157,12 +166,27 @@ def test_resume_refuses_another_runs_config_or_a_step_past_the_total(finished_ru
     path, out = _copy_of(finished_run, tmp_path)
     proc = run(path, out, "--resume", "auto", "optim.lr=0.5", "data.size=96", check=False, timeout=120)
     assert proc.returncode == 2
-    assert ("that run's config differs in data.size (64 -> 96), optim.lr (0.002 -> 0.5); resume with the config it "
-            "was written with") in proc.stderr.strip().splitlines()[-1]
-    shorter = write(tmp_path, {**SFT, "sft": {**SFT["sft"], "stages": [{"pixel_budget": 4096, "steps": 2}]},
-                               "checkpoint": {"every": 1, "keep_last": 4}}, "short.yaml")
+    assert (
+        "that run's config differs in data.size (64 -> 96), optim.lr (0.002 -> 0.5); resume with the config it "
+        "was written with"
+    ) in proc.stderr.strip().splitlines()[-1]
+    shorter = write(
+        tmp_path,
+        {
+            **SFT,
+            "sft": {**SFT["sft"], "stages": [{"pixel_budget": 4096, "steps": 2}]},
+            "checkpoint": {"every": 1, "keep_last": 4},
+        },
+        "short.yaml",
+    )
     proc = run(shorter, out, "--resume", "auto", check=False, timeout=120)
     assert proc.returncode == 2
     assert "the checkpoint is at step 4, past this config's 2 steps" in proc.stderr
-    assert check_resumable(out / "checkpoints" / "step-00000004",
-                           load_config(path, ["log.every=3", "checkpoint.keep_last=1"]).to_dict(), 4) == 4
+    assert (
+        check_resumable(
+            out / "checkpoints" / "step-00000004",
+            load_config(path, ["log.every=3", "checkpoint.keep_last=1"]).to_dict(),
+            4,
+        )
+        == 4
+    )

@@ -58,8 +58,12 @@ def test_config_msgrpo_rules():
     with pytest.raises(ConfigError) as err:
         load_config(base=bad)
     text = str(err.value)
-    for expected in ("msgrpo.group_size: must be an int >= 2", "msgrpo.kind: must be sde or cps",
-                     "msgrpo.sde_window", "deepspeed.micro_batches_per_step: MSGRPO"):
+    for expected in (
+        "msgrpo.group_size: must be an int >= 2",
+        "msgrpo.kind: must be sde or cps",
+        "msgrpo.sde_window",
+        "deepspeed.micro_batches_per_step: MSGRPO",
+    ):
         assert expected in text
     assert text.count("\n") >= 4  # every problem at once, one per line
 
@@ -97,8 +101,11 @@ def test_deepspeed_json_is_generated_or_checked(tmp_path):
 def test_zero_offload_keys():
     cfg = load_config(base={**SFT, "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"}})
     zero = deepspeed_config(cfg, world=1)["zero_optimization"]
-    assert zero == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
-                    "offload_param": {"device": "cpu", "pin_memory": True}}
+    assert zero == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "cpu", "pin_memory": True},
+    }
     assert "offload_optimizer" not in deepspeed_config(load_config(base=SFT), world=1)["zero_optimization"]
     with pytest.raises(ConfigError, match="deepspeed.offload_param: needs zero_stage 3"):
         load_config(base={**SFT, "deepspeed": {"zero_stage": 2, "offload_param": "cpu"}})
@@ -134,7 +141,8 @@ def _one_line_error(tmp_path, text: str, *overrides: str) -> str:
 def test_yaml_dates_binary_and_bad_overrides_are_one_line_errors(tmp_path):
     base = yaml.safe_dump(SFT)
     assert "seed: must be an int, got '2024-01-01'" in _one_line_error(
-        tmp_path, base.replace("seed: 3", "seed: 2024-01-01"))
+        tmp_path, base.replace("seed: 3", "seed: 2024-01-01")
+    )
     line = _one_line_error(tmp_path, base + "output: !!binary aGVsbG8=\n")
     assert "not valid YAML (line" in line and "binary values are not config values" in line
     line = _one_line_error(tmp_path, base, "optim.lr=[1")
@@ -171,8 +179,9 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
 
 def _bin_only_pipeline(folder: Path) -> Path:
     (folder / "transformer").mkdir(parents=True)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "UniRefEditPipeline",
-                                                         "transformer": ["uniref", "UniRefTransformer2DModel"]}))
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "UniRefEditPipeline", "transformer": ["uniref", "UniRefTransformer2DModel"]})
+    )
     (folder / "transformer" / "config.json").write_text("{}")
     (folder / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"not read")
     return folder
@@ -196,8 +205,11 @@ def test_bin_only_model_folders_are_config_errors(tmp_path):
 
 def test_token_budget_is_bounded_by_the_model_and_the_machine(tmp_path):
     cfg = load_config(base=SFT, overrides=["sft.token_budget=100000000000"])
-    with pytest.raises(ConfigError, match=r"sft.token_budget: 100000000000 tokens is over this machine's limit of "
-                                          r"\d+ for this model \(2 blocks x 32 values x 4 bytes"):
+    with pytest.raises(
+        ConfigError,
+        match=r"sft.token_budget: 100000000000 tokens is over this machine's limit of "
+        r"\d+ for this model \(2 blocks x 32 values x 4 bytes",
+    ):
         cfg.check_environment()
     load_config(base=SFT, overrides=["sft.token_budget=100000"]).check_environment()
     line = _one_line_error(tmp_path, yaml.safe_dump(SFT), "sft.token_budget=100000000000")

@@ -60,8 +60,11 @@ def test_bad_rows_stop_the_run_or_are_skipped_and_logged(tmp_path):
     skipped = [json.loads(x) for x in (tmp_path / "skip" / "skipped_rows.jsonl").read_text().splitlines()]
     assert {s["row"] for s in skipped} == {1, 3}
     assert any("no target image" in s["reason"] for s in skipped)
-    proc = run(write(tmp_path, _config(source=f"diffsynth:{tmp_path / 'nope.jsonl'}"), "nope.yaml"),
-               tmp_path / "nope", check=False)
+    proc = run(
+        write(tmp_path, _config(source=f"diffsynth:{tmp_path / 'nope.jsonl'}"), "nope.yaml"),
+        tmp_path / "nope",
+        check=False,
+    )
     assert proc.returncode == 2 and "data.source" in proc.stderr and "does not exist" in proc.stderr
 
 

@@ -16,8 +16,9 @@ from training_helpers import MSGRPO
 # the training tests' MSGRPO run, with guidance and two minibatches
 CONFIG = json.loads(json.dumps(MSGRPO))
 CONFIG["deepspeed"] = {"zero_stage": 0}
-CONFIG["msgrpo"].update(phases=[{"data": "compose", "steps": 2}], group_size=2, num_steps=5, sde_window=[1, 3],
-                        cfg_scale=2.0, minibatches=2)
+CONFIG["msgrpo"].update(
+    phases=[{"data": "compose", "steps": 2}], group_size=2, num_steps=5, sde_window=[1, 3], cfg_scale=2.0, minibatches=2
+)
 
 
 class PlainEngine:

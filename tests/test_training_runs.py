@@ -16,10 +16,13 @@ from training_helpers import MSGRPO, ROOT, SFT, metric, run, weights, write
 
 
 def test_sft_loss_falls_on_a_tiny_overfit_set(tmp_path):
-    cfg = {**SFT, "data": {"size": 64, "num_refs": [2, 3], "length": 4},
-           "sft": {"stages": [{"pixel_budget": 4096, "steps": 60}], "token_budget": 160, "text_dropout": 0.0},
-           "optim": {"lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"},
-           "checkpoint": {"every": 60, "keep_last": 1}}
+    cfg = {
+        **SFT,
+        "data": {"size": 64, "num_refs": [2, 3], "length": 4},
+        "sft": {"stages": [{"pixel_budget": 4096, "steps": 60}], "token_budget": 160, "text_dropout": 0.0},
+        "optim": {"lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"},
+        "checkpoint": {"every": 60, "keep_last": 1},
+    }
     out = tmp_path / "out"
     run(write(tmp_path, cfg), out)
     loss = metric(out, "loss")
@@ -32,8 +35,14 @@ def test_msgrpo_raises_the_mean_reward(tmp_path):
     # a seeded learning test on a fixed pool of two prompts, with a two-source reward the random model
     # does not already maximize (tests/rl_rewards.py); the synthetic world's rewards need a trained VAE
     cfg = json.loads(json.dumps(MSGRPO))
-    cfg["msgrpo"].update(phases=[{"data": "compose", "steps": 50}], prompt_pool=2, reward="rl_rewards:contrast",
-                         group_size=8, sde_window=[0, 5], noise_level=1.0)
+    cfg["msgrpo"].update(
+        phases=[{"data": "compose", "steps": 50}],
+        prompt_pool=2,
+        reward="rl_rewards:contrast",
+        group_size=8,
+        sde_window=[0, 5],
+        noise_level=1.0,
+    )
     cfg["optim"]["lr"] = 2e-2
     cfg["checkpoint"]["every"] = 50
     out = tmp_path / "out"
@@ -42,8 +51,15 @@ def test_msgrpo_raises_the_mean_reward(tmp_path):
     first, last = sum(reward[:10]) / 10, sum(reward[-10:]) / 10
     assert last > first + 0.03, (first, last)
     rows = read_metrics(out / "metrics.jsonl")
-    for key in ("reward/red_left", "reward/green_top", "zero_std_fraction", "clip_fraction", "kl", "ratio_mean",
-                "grad_norm"):
+    for key in (
+        "reward/red_left",
+        "reward/green_top",
+        "zero_std_fraction",
+        "clip_fraction",
+        "kl",
+        "ratio_mean",
+        "grad_norm",
+    ):
         assert all(key in r for r in rows), key
 
 
@@ -125,8 +141,11 @@ def test_lora_msgrpo_with_kl_trains_adapters_only_and_exports_a_plain_model(tmp_
     from uniref.presets import random_edit_pipeline
 
     start = random_edit_pipeline("tiny", seed=1)
-    changed = [n for n, p in pipe.transformer.named_parameters()
-               if not torch.equal(p, dict(start.transformer.named_parameters())[n])]
+    changed = [
+        n
+        for n, p in pipe.transformer.named_parameters()
+        if not torch.equal(p, dict(start.transformer.named_parameters())[n])
+    ]
     assert changed and all(any(t in n for t in ("to_q", "to_k", "to_v", "to_out", "add_")) for n in changed)
 
 
@@ -143,8 +162,12 @@ def test_lora_run_exports_its_adapters_that_reproduce_the_merged_model_and_start
     out = tmp_path / "out"
     run(write(tmp_path, cfg), out)
     files = sorted(p.name for p in (out / "final" / "lora").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors", "lora_kohya.safetensors",
-                     "pytorch_lora_weights.safetensors"]
+    assert files == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lora_kohya.safetensors",
+        "pytorch_lora_weights.safetensors",
+    ]
     weights, fmt = read_lora(out / "final" / "lora" / "lora_kohya.safetensors")
     assert fmt == "kohya" and {w[0].shape[0] for w in weights.modules.values()} == {4}
     merged = UniRefEditPipeline.from_pretrained(out / "final").transformer
@@ -180,13 +203,20 @@ def test_lora_on_a_float8_base_trains_and_exports_a_plain_model(tmp_path):
 def test_zero_stages_and_bf16_run_and_export(tmp_path, stage, bf16):
     from uniref.pipelines import UniRefEditPipeline
 
-    cfg = {**SFT, "deepspeed": {"zero_stage": stage, "bf16": bf16, "micro_batches_per_step": 1},
-           "sft": {"stages": [{"pixel_budget": 4096, "steps": 2}], "token_budget": 160},
-           "checkpoint": {"every": 1, "keep_last": 1}}
+    cfg = {
+        **SFT,
+        "deepspeed": {"zero_stage": stage, "bf16": bf16, "micro_batches_per_step": 1},
+        "sft": {"stages": [{"pixel_budget": 4096, "steps": 2}], "token_budget": 160},
+        "checkpoint": {"every": 1, "keep_last": 1},
+    }
     out = tmp_path / "out"
     run(write(tmp_path, cfg), out)
-    run(write(tmp_path, {**cfg, "sft": {**cfg["sft"], "stages": [{"pixel_budget": 4096, "steps": 3}]}}, "more.yaml"),
-         out, "--resume", "auto")
+    run(
+        write(tmp_path, {**cfg, "sft": {**cfg["sft"], "stages": [{"pixel_budget": 4096, "steps": 3}]}}, "more.yaml"),
+        out,
+        "--resume",
+        "auto",
+    )
     assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
     pipe = UniRefEditPipeline.from_pretrained(out / "final")
     image = pipe([Image_(64)], "make it blue", num_inference_steps=2, output_type="pt").images[0]
@@ -200,8 +230,11 @@ def Image_(size: int):
 
 
 def test_curves_png_is_written(tmp_path):
-    cfg = {**SFT, "sft": {"stages": [{"pixel_budget": 4096, "steps": 2}], "token_budget": 160},
-           "log": {"progress": True, "plot": True}}
+    cfg = {
+        **SFT,
+        "sft": {"stages": [{"pixel_budget": 4096, "steps": 2}], "token_budget": 160},
+        "log": {"progress": True, "plot": True},
+    }
     out = tmp_path / "out"
     run(write(tmp_path, cfg), out)
     from PIL import Image
@@ -220,8 +253,11 @@ def test_vae_task_learns_and_feeds_a_preset(tmp_path):
     assert sum(mse[-5:]) / 5 < 0.5 * sum(mse[:5]) / 5, mse
     vae = AutoencoderKL.from_pretrained(out / "final")
     assert vae.config.scaling_factor != 1.0 and vae.config.latent_channels == 4
-    sft = {**SFT, "model": {"preset": "tiny", "vae": str(out / "final"), "train_text_encoder": True},
-           "sft": {"stages": [{"pixel_budget": 4096, "steps": 2}], "token_budget": 400}}
+    sft = {
+        **SFT,
+        "model": {"preset": "tiny", "vae": str(out / "final"), "train_text_encoder": True},
+        "sft": {"stages": [{"pixel_budget": 4096, "steps": 2}], "token_budget": 400},
+    }
     run(write(tmp_path, sft, "sft.yaml"), tmp_path / "sft")
     vae_config = json.loads((tmp_path / "sft" / "final" / "vae" / "config.json").read_text())
     assert vae_config["block_out_channels"] == [16, 32, 32]

@@ -74,8 +74,12 @@ def test_change_weighted_sft_loss():
     with torch.no_grad():
         plain = sft_loss(model, pipe, batch, cfg.sft, seed=0, step=1)[0]
         assert not torch.isclose(sft_loss(model, pipe, batch, weighted, seed=0, step=1)[0], plain, rtol=1e-3)
-        same = dataclasses.replace(batch, items=[
-            dataclasses.replace(it, references=[it.target, *it.references[1:]]) for it in batch.items
-        ])
-        torch.testing.assert_close(sft_loss(model, pipe, same, weighted, seed=0, step=1)[0],
-                                   sft_loss(model, pipe, same, cfg.sft, seed=0, step=1)[0], rtol=1e-6, atol=0)
+        same = dataclasses.replace(
+            batch, items=[dataclasses.replace(it, references=[it.target, *it.references[1:]]) for it in batch.items]
+        )
+        torch.testing.assert_close(
+            sft_loss(model, pipe, same, weighted, seed=0, step=1)[0],
+            sft_loss(model, pipe, same, cfg.sft, seed=0, step=1)[0],
+            rtol=1e-6,
+            atol=0,
+        )

@@ -38,7 +38,11 @@ MSGRPO = {
     "deepspeed": {"zero_stage": 2},
     "msgrpo": {
         "phases": [{"data": "compose", "steps": 3}, {"data": "edit", "steps": 2}],
-        "prompts_per_step": 2, "group_size": 4, "num_steps": 6, "sde_window": [1, 4], "pixel_budget": 8192,
+        "prompts_per_step": 2,
+        "group_size": 4,
+        "num_steps": 6,
+        "sde_window": [1, 4],
+        "pixel_budget": 8192,
     },
     "checkpoint": {"every": 5, "keep_last": 1},
     "log": {"progress": False, "plot": False},
@@ -64,8 +68,16 @@ def write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
     return path
 
 
-def run(cfg_path: Path, out: Path, *overrides: str, procs: int = 1, check: bool = True, timeout: int = 600,
-        env_extra: dict | None = None, default_threads: bool = False):
+def run(
+    cfg_path: Path,
+    out: Path,
+    *overrides: str,
+    procs: int = 1,
+    check: bool = True,
+    timeout: int = 600,
+    env_extra: dict | None = None,
+    default_threads: bool = False,
+):
     """``training/run.py --config cfg_path --output out *overrides`` in 1 process or under the deepspeed launcher."""
     if procs == 1:
         cmd = [sys.executable, str(RUN)]
@@ -75,8 +87,9 @@ def run(cfg_path: Path, out: Path, *overrides: str, procs: int = 1, check: bool 
         cmd = [str(launcher)] if launcher.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
         cmd += ["--num_gpus", str(procs), "--master_port", str(29500 + os.getpid() % 1000), str(RUN)]
     cmd += ["--config", str(cfg_path), "--output", str(out), *overrides]
-    proc = subprocess.run(cmd, env=env(default_threads, **(env_extra or {})), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        cmd, env=env(default_threads, **(env_extra or {})), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

@@ -186,4 +186,3 @@ def varlen_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, lse = impl.run(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, return_lse)
     return (out, lse) if return_lse else out
-

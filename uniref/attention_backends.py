@@ -157,7 +157,10 @@ def mean_tokens_per_sample(q: Tensor, k: Tensor, cu_seqlens_q: Tensor) -> float:
 
 
 def auto_backend(
-    device: torch.device | str, dtype: torch.dtype, head_dim: int, tokens_per_sample: float | None = None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    head_dim: int,
+    tokens_per_sample: float | None = None,
     needs_grad: bool = False,
 ) -> str:
     """The rule behind ``backend="auto"``:

@@ -96,7 +96,7 @@ def load_references(paths) -> tuple[list[tuple[str, PIL.Image.Image]], list[str]
             errors.append(f"{name}: the uploaded file is gone; upload it again")
         except EditInputError as exc:
             msg, prefix = str(exc), f"--image {path}"
-            errors.append(name + msg[len(prefix):] if msg.startswith(prefix) else msg)
+            errors.append(name + msg[len(prefix) :] if msg.startswith(prefix) else msg)
     return refs, errors
 
 
@@ -205,8 +205,19 @@ def plan_table(pipe, images, pixel_budget, height=0, width=0) -> PlanTable:
     return PlanTable(list(PLAN_HEADERS), rows + [out, total], totals, errors)
 
 
-def edit(pipe, images, prompt: str, negative_prompt: str = "", budget_mode: str = "SELF global",
-         pixel_budget=None, height=0, width=0, steps=50, guidance=4.0, seed=0) -> PIL.Image.Image:
+def edit(
+    pipe,
+    images,
+    prompt: str,
+    negative_prompt: str = "",
+    budget_mode: str = "SELF global",
+    pixel_budget=None,
+    height=0,
+    width=0,
+    steps=50,
+    guidance=4.0,
+    seed=0,
+) -> PIL.Image.Image:
     """Runs the pipeline on one request from the page and returns the output image (RGB PIL).
 
     Args:
@@ -242,9 +253,18 @@ def edit(pipe, images, prompt: str, negative_prompt: str = "", budget_mode: str 
         raise DemoError(f"pixel budget {budget}: {exc}; raise it or remove references") from None
     h, w = size or (None, None)
     try:
-        return pipe(list(images), prompt, negative_prompt=negative_prompt or None, true_cfg_scale=guidance,
-                    num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), pixel_budget=budget,
-                    budget_mode=mode, height=h, width=w).images[0]
+        return pipe(
+            list(images),
+            prompt,
+            negative_prompt=negative_prompt or None,
+            true_cfg_scale=guidance,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            pixel_budget=budget,
+            budget_mode=mode,
+            height=h,
+            width=w,
+        ).images[0]
     except ValueError as exc:  # the pipeline's own argument checks, e.g. too few steps for its scheduler
         raise DemoError(str(exc).splitlines()[0]) from None
 
@@ -262,8 +282,16 @@ def run_synthetic(pipe, kind: str, num_refs, seed, split: str = "test", steps=50
     from uniref.synthetic import score
 
     task = sample_synthetic(kind, num_refs, seed, split)
-    out = edit(pipe, list(task.images), task.prompt, steps=steps, guidance=guidance, seed=0,
-               height=task.spec.size, width=task.spec.size)
+    out = edit(
+        pipe,
+        list(task.images),
+        task.prompt,
+        steps=steps,
+        guidance=guidance,
+        seed=0,
+        height=task.spec.size,
+        width=task.spec.size,
+    )
     return task, out, score(task, out)
 
 
@@ -349,30 +377,47 @@ def build_app(pipe, model_name: str = "", default_guidance: float = 4.0, title: 
         except Exception as exc:  # noqa: BLE001  (shown in the page; the server keeps serving)
             return gr.skip(), previews, f"**Plan:** {_one_line(exc)}", _message(errors)
         g, p = table.tokens["global"], table.tokens["per_image"]
-        note = (f"{len(images)} reference(s), pixel budget {int(float(pixel_budget))} "
-                f"({float(pixel_budget) ** 0.5:.0f}²): image sequence of **{g if g is not None else '-'}** tokens "
-                f"with SELF's global budget, **{p if p is not None else '-'}** with a budget per image.")
+        note = (
+            f"{len(images)} reference(s), pixel budget {int(float(pixel_budget))} "
+            f"({float(pixel_budget) ** 0.5:.0f}²): image sequence of **{g if g is not None else '-'}** tokens "
+            f"with SELF's global budget, **{p if p is not None else '-'}** with a budget per image."
+        )
         note += "".join(f"  \n**Plan:** {e}" for e in table.errors)
         return pd.DataFrame(table.rows, columns=table.headers), previews, note, _message(errors)
 
     # A gr.Progress default in a handler's signature makes Gradio show the pipeline's tqdm bar in the page.
-    def run(files, prompt, negative, mode, budget, height, width, steps, guidance, seed, results,
-            progress=gr.Progress(track_tqdm=True)):
+    def run(
+        files,
+        prompt,
+        negative,
+        mode,
+        budget,
+        height,
+        width,
+        steps,
+        guidance,
+        seed,
+        results,
+        progress=gr.Progress(track_tqdm=True),
+    ):
         start = time.perf_counter()
         try:
             refs, errors = load_references(files)
             if errors:
                 raise DemoError(errors[0] + " -- remove it to run")
             with lock:
-                image = edit(pipe, [img for _, img in refs], prompt, negative, mode, budget, height, width, steps,
-                             guidance, seed)
+                image = edit(
+                    pipe, [img for _, img in refs], prompt, negative, mode, budget, height, width, steps, guidance, seed
+                )
             path = out_dir / f"uniref-{next(counter):04d}-seed{int(float(seed))}.png"
             write_image_atomic(image, path)
             results = [(str(path), f"{prompt.strip()[:60]} ({mode}, seed {int(float(seed))})"), *results]
         except Exception as exc:  # noqa: BLE001  (shown in the page; the server keeps serving)
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), _message([_one_line(exc)])
-        done = (f"Done: {image.width}x{image.height}, {int(float(steps))} steps, seed {int(float(seed))}, "
-                f"in {time.perf_counter() - start:.1f} s.")
+        done = (
+            f"Done: {image.width}x{image.height}, {int(float(steps))} steps, seed {int(float(seed))}, "
+            f"in {time.perf_counter() - start:.1f} s."
+        )
         return image, str(path), results, results, done
 
     def synthetic_sample(kind, k, seed, split):
@@ -395,46 +440,82 @@ def build_app(pipe, model_name: str = "", default_guidance: float = 4.0, title: 
 
     # delete_cache: uploads and results in Gradio's cache older than a day are removed hourly
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 86400)) as app:
-        gr.Markdown(f"## {title}\nMulti-reference editing with SELF: all references share one pixel budget. "
-                    f"Model: {model_name or pipe.name_or_path}; sides are multiples of {m} px.")
+        gr.Markdown(
+            f"## {title}\nMulti-reference editing with SELF: all references share one pixel budget. "
+            f"Model: {model_name or pipe.name_or_path}; sides are multiples of {m} px."
+        )
         with gr.Tab("Edit"):
             with gr.Row():
                 with gr.Column(scale=4):
-                    files = gr.File(label="References (drop images; drag to reorder, x to remove)",
-                                    file_count="multiple", allow_reordering=True, elem_id="references")
-                    ref_view = gr.Gallery(label="References as the prompt numbers them", columns=6, height=150,
-                                          format="png", preview=False, fit_columns=False, object_fit="contain",
-                                          elem_id="ref-view")
-                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                        placeholder="e.g. put the object of image 2 on the background of image 1")
+                    files = gr.File(
+                        label="References (drop images; drag to reorder, x to remove)",
+                        file_count="multiple",
+                        allow_reordering=True,
+                        elem_id="references",
+                    )
+                    ref_view = gr.Gallery(
+                        label="References as the prompt numbers them",
+                        columns=6,
+                        height=150,
+                        format="png",
+                        preview=False,
+                        fit_columns=False,
+                        object_fit="contain",
+                        elem_id="ref-view",
+                    )
+                    prompt = gr.Textbox(
+                        label="Prompt",
+                        lines=2,
+                        elem_id="prompt",
+                        placeholder="e.g. put the object of image 2 on the background of image 1",
+                    )
                     negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
                     with gr.Row():
-                        mode = gr.Radio(list(BUDGET_MODES), value="SELF global", label="Budget mode",
-                                        elem_id="budget-mode")
-                        budget = gr.Number(value=pipe.default_pixel_budget, precision=0, minimum=m * m,
-                                           label="Pixel budget (references)", elem_id="pixel-budget")
+                        mode = gr.Radio(
+                            list(BUDGET_MODES), value="SELF global", label="Budget mode", elem_id="budget-mode"
+                        )
+                        budget = gr.Number(
+                            value=pipe.default_pixel_budget,
+                            precision=0,
+                            minimum=m * m,
+                            label="Pixel budget (references)",
+                            elem_id="pixel-budget",
+                        )
                     with gr.Row():
-                        height = gr.Number(value=0, precision=0, minimum=0, label="Output height (0: auto)",
-                                           elem_id="out-height")
-                        width = gr.Number(value=0, precision=0, minimum=0, label="Output width (0: auto)",
-                                          elem_id="out-width")
+                        height = gr.Number(
+                            value=0, precision=0, minimum=0, label="Output height (0: auto)", elem_id="out-height"
+                        )
+                        width = gr.Number(
+                            value=0, precision=0, minimum=0, label="Output width (0: auto)", elem_id="out-width"
+                        )
                     with gr.Row():
                         steps = gr.Slider(1, 100, value=50, step=1, label="Steps", elem_id="steps")
-                        guidance = gr.Slider(1, 10, value=default_guidance, step=0.5, label="Guidance",
-                                             elem_id="guidance")
+                        guidance = gr.Slider(
+                            1, 10, value=default_guidance, step=0.5, label="Guidance", elem_id="guidance"
+                        )
                         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
                     run_btn = gr.Button("Run", variant="primary", elem_id="run")
                     message = gr.Markdown(elem_id="message")
                 with gr.Column(scale=5):
                     plan_note = gr.Markdown("Upload references to see the plan.", elem_id="plan-note")
-                    plan = gr.Dataframe(label="SELF plan: both budget modes", interactive=False, wrap=True,
-                                        elem_id="plan")
-                    output = gr.Image(label="Output", type="pil", format="png", interactive=False, height=300,
-                                      elem_id="output")
+                    plan = gr.Dataframe(
+                        label="SELF plan: both budget modes", interactive=False, wrap=True, elem_id="plan"
+                    )
+                    output = gr.Image(
+                        label="Output", type="pil", format="png", interactive=False, height=300, elem_id="output"
+                    )
                     download = gr.File(label="Download PNG", interactive=False, elem_id="download")
             results = gr.State([])
-            gallery = gr.Gallery(label="Results since this page was opened", columns=8, height=220, format="png",
-                                 preview=False, fit_columns=False, object_fit="contain", elem_id="gallery")
+            gallery = gr.Gallery(
+                label="Results since this page was opened",
+                columns=8,
+                height=220,
+                format="png",
+                preview=False,
+                fit_columns=False,
+                object_fit="contain",
+                elem_id="gallery",
+            )
         with gr.Tab("Synthetic world"):
             with gr.Row():
                 kind = gr.Dropdown(list(KINDS), value="compose", label="Task kind", elem_id="syn-kind")
@@ -447,23 +528,41 @@ def build_app(pipe, model_name: str = "", default_guidance: float = 4.0, title: 
                 sample_btn = gr.Button("Sample", elem_id="syn-sample")
                 syn_run_btn = gr.Button("Run", variant="primary", elem_id="syn-run")
             syn_prompt = gr.Textbox(label="Instruction", interactive=False, elem_id="syn-prompt")
-            syn_refs = gr.Gallery(label="References", columns=6, height=160, format="png", preview=False,
-                                  fit_columns=False,
-                                  object_fit="contain", elem_id="syn-refs-view")
-            syn_strip = gr.Image(label="References | output | exact answer", type="filepath", interactive=False,
-                                 height=300, elem_id="syn-strip")
+            syn_refs = gr.Gallery(
+                label="References",
+                columns=6,
+                height=160,
+                format="png",
+                preview=False,
+                fit_columns=False,
+                object_fit="contain",
+                elem_id="syn-refs-view",
+            )
+            syn_strip = gr.Image(
+                label="References | output | exact answer",
+                type="filepath",
+                interactive=False,
+                height=300,
+                elem_id="syn-strip",
+            )
             syn_scores = gr.Dataframe(label="Reward scores", interactive=False, elem_id="syn-scores")
             syn_message = gr.Markdown(elem_id="syn-message")
 
         plan_inputs = [files, budget, height, width]
         for trigger in (files.change, budget.change, height.change, width.change):
             trigger(plan_view, plan_inputs, [plan, ref_view, plan_note, message], show_progress="hidden")
-        run_btn.click(run, [files, prompt, negative, mode, budget, height, width, steps, guidance, seed, results],
-                      [output, download, gallery, results, message])
+        run_btn.click(
+            run,
+            [files, prompt, negative, mode, budget, height, width, steps, guidance, seed, results],
+            [output, download, gallery, results, message],
+        )
         syn_args = [kind, k, syn_seed, split]
         sample_btn.click(synthetic_sample, syn_args, [syn_refs, syn_prompt, syn_message])
-        syn_run_btn.click(synthetic_run, syn_args + [syn_steps, syn_guidance],
-                          [syn_refs, syn_prompt, syn_strip, syn_scores, syn_message])
+        syn_run_btn.click(
+            synthetic_run,
+            syn_args + [syn_steps, syn_guidance],
+            [syn_refs, syn_prompt, syn_strip, syn_scores, syn_message],
+        )
         app.load(synthetic_sample, syn_args, [syn_refs, syn_prompt, syn_message])
     return app
 
@@ -487,12 +586,26 @@ def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     Returns the URL. With ``block`` it serves until interrupted.
     """
     if host not in LOCAL_HOSTS:
-        print(f"uniref demo: warning: --host {host} makes the demo reachable from other machines; anyone who can "
-              "reach this port can upload images and run the model. Use --host 127.0.0.1 unless you mean it.",
-              file=sys.stderr, flush=True)
-    _, url, _ = app.launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
-                           prevent_thread_lock=True, show_error=False, ssr_mode=False, mcp_server=False,
-                           max_file_size=256 * 1024 * 1024, theme=_theme(), css=_CSS)
+        print(
+            f"uniref demo: warning: --host {host} makes the demo reachable from other machines; anyone who can "
+            "reach this port can upload images and run the model. Use --host 127.0.0.1 unless you mean it.",
+            file=sys.stderr,
+            flush=True,
+        )
+    _, url, _ = app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        inbrowser=False,
+        quiet=True,
+        prevent_thread_lock=True,
+        show_error=False,
+        ssr_mode=False,
+        mcp_server=False,
+        max_file_size=256 * 1024 * 1024,
+        theme=_theme(),
+        css=_CSS,
+    )
     print(f"uniref demo: serving on http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
     if block:
         try:
@@ -529,11 +642,18 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
         'plan live and a synthetic-world tab. Needs pip install -e ".[demo]".',
     )
     p.add_argument("--model", metavar="DIR", help="a local pipeline folder (default: the embedded default model)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)",
+    )
     p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to run (default auto: cuda when available, else cpu)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run (default auto: cuda when available, else cpu)",
+    )
     p.set_defaults(func=run_demo)
     return p
 
@@ -555,7 +675,10 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         launch(app, args.host, args.port)
     except OSError:  # Gradio's message speaks of launch() arguments; say it in the command's terms
-        print(f"uniref demo: cannot listen on {args.host}:{args.port} (in use, or not an address of this machine); "
-              "pick another --port or --host", file=sys.stderr)
+        print(
+            f"uniref demo: cannot listen on {args.host}:{args.port} (in use, or not an address of this machine); "
+            "pick another --port or --host",
+            file=sys.stderr,
+        )
         return 2
     return 0

@@ -7,8 +7,9 @@ clipped policy loss (formulas: `docs/flow_grpo.md`).
 
 `group_advantages` and `flow_grpo_loss` run the `uniref::group_advantages` and `uniref::flow_grpo_loss`
 ops: fused Triton kernels on CUDA (one launch for the advantages, one forward and one backward launch
-for the loss plus a 4-byte counter fill, no host sync), fp32 torch references on CPU. `sde_step_with_logprob` is plain torch
-(elementwise math that autograd differentiates through to the model's velocity).
+for the loss plus a 4-byte counter fill, no host sync), fp32 torch references on CPU.
+`sde_step_with_logprob` is plain torch (elementwise math that autograd differentiates through to the model's
+velocity).
 """
 
 from __future__ import annotations
@@ -239,11 +240,15 @@ def _advantage_inputs(rewards, group_ids, weights, aggregate, std, eps, clip):
     rewards = rewards.reshape(rewards.shape[0], -1)
     n, s = rewards.shape
     if not isinstance(group_ids, Tensor):
-        raise TypeError(f"{fn}: group_ids must be an integer torch.Tensor of shape ({n},), got {type(group_ids).__name__}")
+        raise TypeError(
+            f"{fn}: group_ids must be an integer torch.Tensor of shape ({n},), got {type(group_ids).__name__}"
+        )
     if group_ids.dtype.is_floating_point or group_ids.is_complex() or group_ids.dtype == torch.bool:
         raise TypeError(f"{fn}: group_ids must hold integer keys (e.g. a prompt index), got {group_ids.dtype}")
     if group_ids.shape != (n,):
-        raise ValueError(f"{fn}: group_ids must have shape ({n},) (one key per reward row), got {tuple(group_ids.shape)}")
+        raise ValueError(
+            f"{fn}: group_ids must have shape ({n},) (one key per reward row), got {tuple(group_ids.shape)}"
+        )
     if group_ids.device != rewards.device:
         raise ValueError(f"{fn}: group_ids is on {group_ids.device} but rewards are on {rewards.device}")
     wdtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
@@ -256,7 +261,9 @@ def _advantage_inputs(rewards, group_ids, weights, aggregate, std, eps, clip):
     else:
         weights = torch.tensor([float(w) for w in weights], dtype=wdtype, device=rewards.device)
     if weights.shape != (s,):
-        raise ValueError(f"{fn}: weights must have one entry per reward source, shape ({s},), got {tuple(weights.shape)}")
+        raise ValueError(
+            f"{fn}: weights must have one entry per reward source, shape ({s},), got {tuple(weights.shape)}"
+        )
     if not bool(torch.isfinite(weights).all()):
         raise ValueError(f"{fn}: weights must be finite, got {weights.tolist()}")
     return rewards, group_ids.to(torch.int64), weights
@@ -350,10 +357,10 @@ def group_advantages(
     With "sum_then_normalize", r = sum_s w_s r_s and A_i = (r_i - mean_group(r)) / (std + eps); with
     "normalize_then_sum" (MixGRPO / GDPO), each source is normalized that way within its group and
     A_i = sum_s w_s A_i^(s) (rewards of any finite magnitude: far from 1, they are rescaled exactly by a
-    power of two, with eps, before normalizing). `std` is the group's population std (ddof = 0, as Flow-GRPO's numpy) or,
-    with std="batch", the whole batch's ("global std", Flow-GRPO's default); the mean is always the
-    group's. A is then clipped to [-clip, clip]. A group whose normalized quantity holds one value (all
-    rewards equal, groups of one sample included) contributes exactly 0, never NaN.
+    power of two, with eps, before normalizing). `std` is the group's population std (ddof = 0, as
+    Flow-GRPO's numpy) or, with std="batch", the whole batch's ("global std", Flow-GRPO's default); the
+    mean is always the group's. A is then clipped to [-clip, clip]. A group whose normalized quantity holds
+    one value (all rewards equal, groups of one sample included) contributes exactly 0, never NaN.
 
     When torch.distributed is initialized with more than one process, groups may span ranks: every rank
     all-gathers the batch's rewards and keys (tiny), computes the advantages of the whole batch and
@@ -408,7 +415,12 @@ def group_advantages(
     scale = _reward_scale(all_rewards, weights)
     advantages, constant = _ops.group_advantages(
         all_rewards if scale == 1 else (all_rewards.double() * scale).to(all_rewards.dtype),
-        all_ids, weights, normalize_first, std == "batch", float(eps) * scale, float(clip)
+        all_ids,
+        weights,
+        normalize_first,
+        std == "batch",
+        float(eps) * scale,
+        float(clip),
     )
     _, inverse, counts = torch.unique(all_ids, return_inverse=True, return_counts=True)
     num_groups = counts.numel()
@@ -496,7 +508,12 @@ def flow_grpo_loss(
     if per_sample == 0 or per_sample >= 2**31:
         raise ValueError(f"{fn}: each sample must hold between 1 and 2^31 - 1 elements, got shape {tuple(mean.shape)}")
     kl_std = step_std if kl_std is None else kl_std
-    for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages), ("step_std", step_std), ("kl_std", kl_std)):
+    for name, t in (
+        ("old_log_prob", old_log_prob),
+        ("advantages", advantages),
+        ("step_std", step_std),
+        ("kl_std", kl_std),
+    ):
         _check_per_sample(fn, name, t, n, mean.device)
     clip_range = _check_real(fn, "clip_range", clip_range, 0.0)
     beta = _check_real(fn, "beta", beta, 0.0)

@@ -26,13 +26,27 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FORMATS", "LoraError", "LoraFormat", "LoraWeights", "adapter_weights", "convert_lora", "inject_lora",
-           "merge_adapters", "read_lora", "tuner_layers", "write_lora"]
+__all__ = [
+    "FORMATS",
+    "LoraError",
+    "LoraFormat",
+    "LoraWeights",
+    "adapter_weights",
+    "convert_lora",
+    "inject_lora",
+    "merge_adapters",
+    "read_lora",
+    "tuner_layers",
+    "write_lora",
+]
 
 LoraFormat = Literal["diffusers", "peft", "kohya"]
 FORMATS: tuple[str, ...] = LoraFormat.__args__
-FILE_NAMES = {"diffusers": "pytorch_lora_weights.safetensors", "peft": "adapter_model.safetensors",
-              "kohya": "lora_kohya.safetensors"}
+FILE_NAMES = {
+    "diffusers": "pytorch_lora_weights.safetensors",
+    "peft": "adapter_model.safetensors",
+    "kohya": "lora_kohya.safetensors",
+}
 _KOHYA_PREFIX = "lora_unet_"
 _PEFT_PREFIX = "base_model.model."
 
@@ -53,9 +67,13 @@ class LoraWeights:
         alphas = {m: alpha for m, (_, _, alpha) in self.modules.items()}
         r = max(ranks.values(), key=list(ranks.values()).count)  # the most common rank and alpha as defaults
         alpha = max(alphas.values(), key=list(alphas.values()).count)
-        return {"r": r, "lora_alpha": alpha, "target_modules": sorted(self.modules),
-                "rank_pattern": {m: v for m, v in ranks.items() if v != r},
-                "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha}}
+        return {
+            "r": r,
+            "lora_alpha": alpha,
+            "target_modules": sorted(self.modules),
+            "rank_pattern": {m: v for m, v in ranks.items() if v != r},
+            "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,8 +91,10 @@ def _lora_file(path: Path, fmt: str | None = None) -> Path:
     found = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
     if len(found) == 1:
         return path / found[0]
-    raise LoraError(f"{path}: no LoRA safetensors file (looked for {', '.join(names)}"
-                    f"{'; found ' + ', '.join(found) if found else ''}); pass the file itself")
+    raise LoraError(
+        f"{path}: no LoRA safetensors file (looked for {', '.join(names)}"
+        f"{'; found ' + ', '.join(found) if found else ''}); pass the file itself"
+    )
 
 
 def _module_from_kohya(name: str, known: dict[str, str]) -> str:
@@ -96,8 +116,15 @@ def _known_modules() -> dict[str, str]:
     from uniref.models.transformer import UniRefTransformer2DModel
 
     with init_empty_weights():
-        model = UniRefTransformer2DModel(num_layers=1, attention_head_dim=8, num_attention_heads=1,
-                                         joint_attention_dim=8, axes_dims_rope=(2, 2, 4), in_channels=4, out_channels=1)
+        model = UniRefTransformer2DModel(
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=1,
+            joint_attention_dim=8,
+            axes_dims_rope=(2, 2, 4),
+            in_channels=4,
+            out_channels=1,
+        )
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -127,7 +154,7 @@ def read_lora(path: str | Path) -> tuple[LoraWeights, LoraFormat]:
         fmt, known = "kohya", _known_modules()
         groups: dict[str, dict[str, Tensor]] = {}
         for k, v in tensors.items():
-            stem, _, kind = k[len(_KOHYA_PREFIX):].partition(".")
+            stem, _, kind = k[len(_KOHYA_PREFIX) :].partition(".")
             groups.setdefault(stem, {})[kind] = v
         raw = {}
         for stem, g in groups.items():
@@ -146,8 +173,10 @@ def read_lora(path: str | Path) -> tuple[LoraWeights, LoraFormat]:
         config_file = file.parent / "adapter_config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     else:
-        raise LoraError(f"{file}: keys of no known LoRA format (diffusers 'transformer.*.lora_A.weight', peft "
-                        f"'base_model.model.*', kohya 'lora_unet_*'), e.g. {keys[:3]}")
+        raise LoraError(
+            f"{file}: keys of no known LoRA format (diffusers 'transformer.*.lora_A.weight', peft "
+            f"'base_model.model.*', kohya 'lora_unet_*'), e.g. {keys[:3]}"
+        )
     pairs: dict[str, dict[str, Tensor]] = {}
     for k, v in tensors.items():
         m = re.fullmatch(re.escape(prefix) + r"(.+)\.lora_([AB])(?:\.default)?\.weight", k)
@@ -188,13 +217,16 @@ def write_lora(weights: LoraWeights, folder: str | Path, format: LoraFormat = "d
         layers = {}
         for m, (a, b, _) in mods.items():
             layers[f"{m}.lora_A.weight"], layers[f"{m}.lora_B.weight"] = a.contiguous(), b.contiguous()
-        QwenImageEditPlusPipeline.save_lora_weights(folder, transformer_lora_layers=layers,
-                                                    transformer_lora_adapter_metadata=weights.config())
+        QwenImageEditPlusPipeline.save_lora_weights(
+            folder, transformer_lora_layers=layers, transformer_lora_adapter_metadata=weights.config()
+        )
     elif format == "peft":
         tensors = {}
         for m, (a, b, _) in mods.items():
             tensors[f"{_PEFT_PREFIX}{m}.lora_A.weight"], tensors[f"{_PEFT_PREFIX}{m}.lora_B.weight"] = (
-                a.contiguous(), b.contiguous())
+                a.contiguous(),
+                b.contiguous(),
+            )
         save_file(tensors, folder / FILE_NAMES["peft"], metadata={"format": "pt"})
         config = {"peft_type": "LORA", "task_type": None, **weights.config()}
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -242,8 +274,10 @@ def inject_lora(model: nn.Module, weights: LoraWeights, adapter_name: str = "def
     for name, (a, b, _) in weights.modules.items():
         base = linears[name]
         if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
-            raise LoraError(f"LoRA module {name}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit its weight "
-                            f"{tuple(base.weight.shape)} (a LoRA for another model size?)")
+            raise LoraError(
+                f"LoRA module {name}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit its weight "
+                f"{tuple(base.weight.shape)} (a LoRA for another model size?)"
+            )
     # full module paths as targets: peft matches a target name as a whole path suffix, so each hits one module
     inject_adapter_in_model(LoraConfig(**weights.config()), model, adapter_name=adapter_name)
     layers = tuner_layers(model)

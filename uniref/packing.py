@@ -60,7 +60,7 @@ def _scaled_side(side: int, scale: Fraction, multiple: int) -> int:
 def fit_area(size: tuple[int, int], pixel_area: int, multiple: int = 16) -> tuple[int, int]:
     """``size`` ``(height, width)`` scaled to about ``pixel_area`` pixels with its aspect ratio, each side the
     nearest positive multiple of ``multiple``: how the pipeline sizes a default output."""
-    (h, w), = _check_sizes([size])
+    ((h, w),) = _check_sizes([size])
     scale = math.sqrt(pixel_area / (h * w))
     return _round_side(h * scale, multiple), _round_side(w * scale, multiple)
 
@@ -229,8 +229,7 @@ class SequenceLayout:
                     )
         p = patch_size
         lengths = [sum((h // p) * (w // p) for h, w in sample) for sample in sizes]
-        return cls(sizes, int(channels), p, cu_seqlens_from_lengths(lengths, device),
-                   _position_ids(sizes, p, device))
+        return cls(sizes, int(channels), p, cu_seqlens_from_lengths(lengths, device), _position_ids(sizes, p, device))
 
     @property
     def device(self) -> torch.device:
@@ -272,8 +271,7 @@ class SequenceLayout:
     @property
     def reference_lengths(self) -> list[int]:
         """Tokens of each sample's references together."""
-        return self._once("reference_lengths",
-                          lambda: [sum(self.image_tokens(b)[1:]) for b in range(self.batch_size)])
+        return self._once("reference_lengths", lambda: [sum(self.image_tokens(b)[1:]) for b in range(self.batch_size)])
 
     @property
     def cu_targets(self) -> Tensor:
@@ -296,21 +294,22 @@ class SequenceLayout:
 
     def targets(self) -> "SequenceLayout":
         """The layout of the targets alone (one image per sample): how a sampling state is packed."""
-        return SequenceLayout.from_image_sizes([s[:1] for s in self.image_sizes], self.channels, self.patch_size,
-                                               self.device)
+        return SequenceLayout.from_image_sizes(
+            [s[:1] for s in self.image_sizes], self.channels, self.patch_size, self.device
+        )
 
     def repeat(self, copies: int) -> "SequenceLayout":
         """The batch repeated ``copies`` times, sample order ``[0..B-1, 0..B-1, ...]`` (e.g. the conditional
         and unconditional branches of classifier-free guidance)."""
         if copies == 1:
             return self
-        return SequenceLayout.from_image_sizes(self.image_sizes * copies, self.channels, self.patch_size,
-                                               self.device)
+        return SequenceLayout.from_image_sizes(self.image_sizes * copies, self.channels, self.patch_size, self.device)
 
     def select(self, samples: Sequence[int]) -> "SequenceLayout":
         """The layout of the given samples alone, in the given order."""
-        return SequenceLayout.from_image_sizes([self.image_sizes[i] for i in samples], self.channels,
-                                               self.patch_size, self.device)
+        return SequenceLayout.from_image_sizes(
+            [self.image_sizes[i] for i in samples], self.channels, self.patch_size, self.device
+        )
 
 
 class PackedLatents(NamedTuple):
@@ -338,10 +337,20 @@ class PackedLatents(NamedTuple):
         raise AttributeError(f"'PackedLatents' object has no attribute {name!r}")
 
 
-_LAYOUT_FORWARDS = frozenset({
-    "cu_seqlens", "max_seqlen", "position_ids", "image_sizes", "channels", "patch_size", "batch_size", "seqlens",
-    "image_tokens", "target_slices",
-})
+_LAYOUT_FORWARDS = frozenset(
+    {
+        "cu_seqlens",
+        "max_seqlen",
+        "position_ids",
+        "image_sizes",
+        "channels",
+        "patch_size",
+        "batch_size",
+        "seqlens",
+        "image_tokens",
+        "target_slices",
+    }
+)
 
 
 def pack_latents(latents: Sequence[Sequence[Tensor]], patch_size: int = 2) -> PackedLatents:
@@ -369,8 +378,9 @@ def pack_latents(latents: Sequence[Sequence[Tensor]], patch_size: int = 2) -> Pa
     sizes = tuple(tuple((int(x.shape[1]), int(x.shape[2])) for x in sample) for sample in latents)
     p = patch_size
     lengths = [sum((h // p) * (w // p) for h, w in sample) for sample in sizes]
-    layout = SequenceLayout(sizes, int(flat[0].shape[0]), p, cu_seqlens_from_lengths(lengths, tokens.device),
-                            position_ids)
+    layout = SequenceLayout(
+        sizes, int(flat[0].shape[0]), p, cu_seqlens_from_lengths(lengths, tokens.device), position_ids
+    )
     return PackedLatents(tokens, layout)
 
 

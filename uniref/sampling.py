@@ -46,7 +46,10 @@ ModelFn = Callable[[Tensor, Tensor, SequenceLayout], Tensor]
 
 
 def calculate_shift(
-    image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
     max_shift: float = 1.15,
 ) -> float:
     """Qwen-Image's dynamic shift ``mu``: linear in the target's token count.
@@ -61,8 +64,13 @@ def calculate_shift(
 
 def _mu(scheduler_config, target_tokens: int) -> float:
     cfg = scheduler_config
-    return calculate_shift(target_tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    return calculate_shift(
+        target_tokens,
+        cfg.get("base_image_seq_len", 256),
+        cfg.get("max_image_seq_len", 4096),
+        cfg.get("base_shift", 0.5),
+        cfg.get("max_shift", 1.15),
+    )
 
 
 def shift_time(t: Tensor, target_tokens: Sequence[int], scheduler_config) -> Tensor:
@@ -159,15 +167,23 @@ class SamplingBatch:
 
     @classmethod
     def build(
-        cls, target_sizes: Sequence[tuple[int, int]], ref_latents: Sequence[Sequence[Tensor]], copies: int,
-        patch_size: int, channels: int, device=None, dtype=None,
+        cls,
+        target_sizes: Sequence[tuple[int, int]],
+        ref_latents: Sequence[Sequence[Tensor]],
+        copies: int,
+        patch_size: int,
+        channels: int,
+        device=None,
+        dtype=None,
     ) -> "SamplingBatch":
         """``target_sizes``: each sample's target latent ``(h, w)``; ``ref_latents``: each sample's references
         ``(C, h, w)`` (a sample may have none); ``copies``: 1 or 2 (guidance)."""
         if len(target_sizes) != len(ref_latents):
             raise ValueError(f"{len(target_sizes)} target sizes for {len(ref_latents)} samples' references")
-        sizes = [[tuple(hw), *((int(r.shape[1]), int(r.shape[2])) for r in refs)]
-                 for hw, refs in zip(target_sizes, ref_latents)]
+        sizes = [
+            [tuple(hw), *((int(r.shape[1]), int(r.shape[2])) for r in refs)]
+            for hw, refs in zip(target_sizes, ref_latents)
+        ]
         with_refs = [list(refs) for refs in ref_latents if len(refs)]
         if with_refs:
             # samples without references hold no rows, so packing the others alone gives the same stream
@@ -182,8 +198,9 @@ class SamplingBatch:
     def hidden_states(self, state: Tensor) -> Tensor:
         """The model's image stream ``(T, F)`` with ``state`` ``(T_target, F)`` as every copy's targets."""
         state = state.to(self.reference_tokens.dtype)
-        return concat_joint(state.repeat(self.copies, 1), self.layout.cu_targets, self.reference_tokens,
-                            self.layout.cu_references)[0]
+        return concat_joint(
+            state.repeat(self.copies, 1), self.layout.cu_targets, self.reference_tokens, self.layout.cu_references
+        )[0]
 
     def velocity(self, model_fn: ModelFn, state: Tensor, timestep: Tensor, guidance_scale: float = 1.0) -> Tensor:
         """One (guided) prediction ``(T_target, F)`` for ``state`` at per-sample model time ``timestep`` ``(N,)``."""

@@ -9,10 +9,7 @@ import torch
 
 def card_header(title: str) -> str:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke run)"
-    return (
-        f"## {title}\n\ncard: {name}; torch {torch.__version__}; "
-        f"date: {datetime.date.today().isoformat()}\n"
-    )
+    return f"## {title}\n\ncard: {name}; torch {torch.__version__}; date: {datetime.date.today().isoformat()}\n"
 
 
 def bench_ms(fn, warmup: int = 10, rep: int = 50) -> float:

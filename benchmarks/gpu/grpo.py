@@ -145,8 +145,15 @@ def main(argv=None):
         for name, ms in times.items():
             gbs = traffic / ms / 1e6
             speedup = "" if name.startswith("uniref") else f"{ms / ours:.1f}x"
-            row = [str(dtype).split(".")[-1], name, f"{ms:.4f}", f"{gbs:.0f}", f"{copy:.0f}", f"{gbs / copy:.2f}",
-                   speedup]
+            row = [
+                str(dtype).split(".")[-1],
+                name,
+                f"{ms:.4f}",
+                f"{gbs:.0f}",
+                f"{copy:.0f}",
+                f"{gbs / copy:.2f}",
+                speedup,
+            ]
             print("| " + " | ".join(row) + " |")
     rewards, ids, weights = (t.to(device) for t in advantage_batch(prompts, group))
     adv_ours = bench_ms(lambda: kernels.group_advantages(rewards, ids, weights, False, False, 1e-4, 5.0))

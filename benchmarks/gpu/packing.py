@@ -64,14 +64,18 @@ def main(argv=None):
         ):
             ms = bench_ms(fn)
             gbs = 2 * nbytes / ms / 1e6  # every element read once and written once
-            print(f"| {str(dtype).split('.')[-1]} | {name} | {packed.tokens.shape[0]} | {ms:.4f} | {gbs:.0f} | "
-                  f"{copy:.0f} | {gbs / copy:.2f} |")
+            print(
+                f"| {str(dtype).split('.')[-1]} | {name} | {packed.tokens.shape[0]} | {ms:.4f} | {gbs:.0f} | "
+                f"{copy:.0f} | {gbs / copy:.2f} |"
+            )
         joint_bytes = (text.numel() + image.numel()) * text.element_size()
         joint_copy = copy_bandwidth_gbs(joint_bytes, device)
         ms = bench_ms(lambda: torch.ops.uniref.joint_concat(text, image, cu_t, packed.layout.cu_seqlens))
         gbs = 2 * joint_bytes / ms / 1e6
-        print(f"| {str(dtype).split('.')[-1]} | joint_concat {tuple(row_shape)} | {text.shape[0] + image.shape[0]} | "
-              f"{ms:.4f} | {gbs:.0f} | {joint_copy:.0f} | {gbs / joint_copy:.2f} |")
+        print(
+            f"| {str(dtype).split('.')[-1]} | joint_concat {tuple(row_shape)} | {text.shape[0] + image.shape[0]} | "
+            f"{ms:.4f} | {gbs:.0f} | {joint_copy:.0f} | {gbs / joint_copy:.2f} |"
+        )
     print("\ncorrectness: pack, unpack (bitwise) and joint concat match the torch reference on this device")
 
 

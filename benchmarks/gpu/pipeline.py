@@ -54,8 +54,12 @@ def main(argv=None):
     pipe = random_edit_pipeline(size, seed=0).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     budget = pipe.config.target_pixels
-    print(card_header(f"Edit pipeline, random `{size}` model, {str(dtype).split('.')[-1]}, "
-                      f"target and reference budget {int(budget ** 0.5)}^2"))
+    print(
+        card_header(
+            f"Edit pipeline, random `{size}` model, {str(dtype).split('.')[-1]}, "
+            f"target and reference budget {int(budget**0.5)}^2"
+        )
+    )
 
     samples, prompts = mixed_samples(8, lo=sides[0], hi=sides[1])
     packed = run_packed(pipe, samples, prompts, steps)
@@ -73,7 +77,7 @@ def main(argv=None):
     print(f"| uniref packed batch | 1 | {t_packed:.3f} | {8 / t_packed:.2f} | {t_single / t_packed:.2f} |")
     print(f"\npacked vs one-by-one: max relative difference of the latents {worst:.1e}\n")
 
-    print(f"### One transformer step (CFG off), 1 sample, reference budget {int(budget ** 0.5)}^2\n")
+    print(f"### One transformer step (CFG off), 1 sample, reference budget {int(budget**0.5)}^2\n")
     print("| refs | global tokens | global ms | per_image tokens | per_image ms | per_image / global time |")
     print("|---|---|---|---|---|---|")
     for k in refs_counts:

@@ -43,8 +43,10 @@ def main(argv=None):
             ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
             ref = varlen_attention_reference(*ref_leaves, cq, ck)[0]
             ref_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
-            errs = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-                    for a, b in zip((out, *grads), (ref, *ref_grads))]
+            errs = [
+                ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+                for a, b in zip((out, *grads), (ref, *ref_grads))
+            ]
             worst[(str(dtype).split(".")[-1], head_dim)] = max(errs)
     if device == "cuda":
         torch.cuda.synchronize()

@@ -33,8 +33,15 @@ import torch
 from PIL import ImageOps
 
 __all__ = [
-    "EditInputError", "MAX_GUIDANCE", "MAX_INPUT_BYTES", "MAX_INPUT_PIXELS", "MAX_PIXEL_BUDGET", "add_parser",
-    "load_image", "run_edit", "write_image_atomic",
+    "EditInputError",
+    "MAX_GUIDANCE",
+    "MAX_INPUT_BYTES",
+    "MAX_INPUT_PIXELS",
+    "MAX_PIXEL_BUDGET",
+    "add_parser",
+    "load_image",
+    "run_edit",
+    "write_image_atomic",
 ]
 
 # Decompression-bomb guard: a 64-megapixel input (e.g. 8192 x 8192) is far above any size the model uses
@@ -56,8 +63,15 @@ MAX_SEED = 2**64 - 1
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _DIRECT_MODES = {"RGB", "L", "1", "CMYK", "YCbCr"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-_OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
-                   ".tiff": "TIFF"}
+_OUTPUT_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 
 
 class EditInputError(ValueError):
@@ -271,29 +285,57 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Edit or compose images: the references share one pixel budget (SELF) and are fused by "
         "the model into one output image.",
     )
-    p.add_argument("--image", action="append", required=True, metavar="PATH",
-                   help="a reference image; repeat for several, in the order the prompt refers to them")
+    p.add_argument(
+        "--image",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="a reference image; repeat for several, in the order the prompt refers to them",
+    )
     p.add_argument("--prompt", required=True, help="the edit instruction")
     p.add_argument("--output", required=True, metavar="OUT", help="where to write the result (.png, .jpg, .webp, ...)")
-    p.add_argument("--model", metavar="DIR",
-                   help="a local pipeline folder (save_pretrained); default: the embedded default model")
-    p.add_argument("--steps", type=_int_at_least(1, "--steps must be >= 1"), default=50,
-                   help="denoising steps (default 50)")
-    p.add_argument("--seed", type=_int_at_least(0, f"--seed must be >= 0 and <= {MAX_SEED} (2^64 - 1)", MAX_SEED),
-                   default=0,
-                   help="random seed of the initial noise (default 0)")
-    p.add_argument("--guidance", type=_guidance, default=4.0,
-                   help="classifier-free guidance scale, >= 1; 1 disables it (default 4.0)")
-    p.add_argument("--pixel-budget", type=_int_at_least(
-                       16 * 16, f"--pixel-budget must be >= 256 (one 16x16 tile) and <= {MAX_PIXEL_BUDGET} (8192^2)",
-                       MAX_PIXEL_BUDGET),
-                   metavar="P", help="reference pixels: the total in global mode, per image in per_image mode "
-                   "(default: the budget the model was trained with, else its target size: 1024^2 for Qwen-Image-sized "
-                   "models)")
-    p.add_argument("--budget-mode", choices=("global", "per_image"), default="global",
-                   help="global: all references share the budget (SELF, default); per_image: each gets it")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where to run (default cpu); cuda runs in bfloat16 where supported")
+    p.add_argument(
+        "--model", metavar="DIR", help="a local pipeline folder (save_pretrained); default: the embedded default model"
+    )
+    p.add_argument(
+        "--steps", type=_int_at_least(1, "--steps must be >= 1"), default=50, help="denoising steps (default 50)"
+    )
+    p.add_argument(
+        "--seed",
+        type=_int_at_least(0, f"--seed must be >= 0 and <= {MAX_SEED} (2^64 - 1)", MAX_SEED),
+        default=0,
+        help="random seed of the initial noise (default 0)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=_guidance,
+        default=4.0,
+        help="classifier-free guidance scale, >= 1; 1 disables it (default 4.0)",
+    )
+    p.add_argument(
+        "--pixel-budget",
+        type=_int_at_least(
+            16 * 16,
+            f"--pixel-budget must be >= 256 (one 16x16 tile) and <= {MAX_PIXEL_BUDGET} (8192^2)",
+            MAX_PIXEL_BUDGET,
+        ),
+        metavar="P",
+        help="reference pixels: the total in global mode, per image in per_image mode "
+        "(default: the budget the model was trained with, else its target size: 1024^2 for Qwen-Image-sized "
+        "models)",
+    )
+    p.add_argument(
+        "--budget-mode",
+        choices=("global", "per_image"),
+        default="global",
+        help="global: all references share the budget (SELF, default); per_image: each gets it",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where to run (default cpu); cuda runs in bfloat16 where supported",
+    )
     p.error = _one_line_error()
     p.set_defaults(func=run_edit)
     return p
@@ -385,8 +427,13 @@ def run_edit(args: argparse.Namespace) -> int:
         pipe.set_progress_bar_config(desc="uniref edit", leave=False)
         try:
             result = pipe(
-                images, args.prompt, true_cfg_scale=args.guidance, num_inference_steps=args.steps,
-                generator=torch.Generator().manual_seed(args.seed), pixel_budget=budget, budget_mode=args.budget_mode,
+                images,
+                args.prompt,
+                true_cfg_scale=args.guidance,
+                num_inference_steps=args.steps,
+                generator=torch.Generator().manual_seed(args.seed),
+                pixel_budget=budget,
+                budget_mode=args.budget_mode,
             ).images[0]
         except ValueError as exc:  # the pipeline's argument checks
             raise EditInputError(str(exc)) from None
@@ -399,8 +446,10 @@ def run_edit(args: argparse.Namespace) -> int:
     try:
         write_image_atomic(result, args.output)
     except OSError as exc:
-        print(f"uniref edit: --output {args.output}: the result could not be written ({exc.strerror or exc})",
-              file=sys.stderr)
+        print(
+            f"uniref edit: --output {args.output}: the result could not be written ({exc.strerror or exc})",
+            file=sys.stderr,
+        )
         return 1
     print(f"wrote {args.output} ({result.width}x{result.height})")
     return 0

@@ -73,8 +73,10 @@ def resolve_model(spec: str) -> str | Callable:
             f"--model {spec!r} is not a baseline ({', '.join(BASELINES)}), a module:function or a directory"
         )
     if module_name.startswith(".") and not module_name.endswith(".py"):
-        raise ModelSpecError(f"--model {spec!r}: {module_name!r} is a relative module name; give an absolute one "
-                             "(package.module) or a .py file")
+        raise ModelSpecError(
+            f"--model {spec!r}: {module_name!r} is a relative module name; give an absolute one "
+            "(package.module) or a .py file"
+        )
     try:
         if module_name.endswith(".py"):
             location = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
@@ -136,10 +138,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--suite", nargs="+", default=["all"], choices=[*SUITES, "all"], help="suites (default: all)")
     p.add_argument("--out", default="eval_results", help="output directory (default: eval_results)")
-    p.add_argument("--limit", type=_positive_int("--limit"), default=None,
-                   help="score only the first N cases of each suite")
-    p.add_argument("--grid-rows", type=_positive_int("--grid-rows"), default=16,
-                   help="cases shown in each PNG grid (default: 16)")
+    p.add_argument(
+        "--limit", type=_positive_int("--limit"), default=None, help="score only the first N cases of each suite"
+    )
+    p.add_argument(
+        "--grid-rows", type=_positive_int("--grid-rows"), default=16, help="cases shown in each PNG grid (default: 16)"
+    )
     p.add_argument(
         "--batch-size",
         type=_positive_int("--batch-size"),

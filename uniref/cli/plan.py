@@ -43,10 +43,14 @@ def run_plan(args: argparse.Namespace) -> int:
         if pixels > MAX_PLAN_PIXELS:
             raise ValueError(f"{flag}: {pixels} pixels is above the limit of {MAX_PLAN_PIXELS} (8192^2); lower it")
     sizes = args.size or _DEMO_SIZES
-    rows = [(mode, plan_reference_sizes(sizes, args.budget, multiple=_MULTIPLE, mode=mode))
-            for mode in ("global", "per_image")]
-    print(f"{len(sizes)} reference(s), pixel budget {args.budget} ({args.budget ** 0.5:.0f}^2), "
-          f"target {args.target[0]}x{args.target[1]}")
+    rows = [
+        (mode, plan_reference_sizes(sizes, args.budget, multiple=_MULTIPLE, mode=mode))
+        for mode in ("global", "per_image")
+    ]
+    print(
+        f"{len(sizes)} reference(s), pixel budget {args.budget} ({args.budget**0.5:.0f}^2), "
+        f"target {args.target[0]}x{args.target[1]}"
+    )
     for mode, plan in rows:
         print(f"\nmode={mode}")
         print(f"  {'ref':>3}  {'original':>11}  {'planned':>11}  {'tokens':>6}")
@@ -63,19 +67,35 @@ def run_plan(args: argparse.Namespace) -> int:
         for _, plan in rows
     ]
     tokens, layout = pack_latents(samples, patch_size=_PATCH)
-    print(f"\npacked batch (sample 0 = global, sample 1 = per_image): tokens {tuple(tokens.shape)}, "
-          f"cu_seqlens {layout.cu_seqlens.tolist()}, max_seqlen {layout.max_seqlen}")
+    print(
+        f"\npacked batch (sample 0 = global, sample 1 = per_image): tokens {tuple(tokens.shape)}, "
+        f"cu_seqlens {layout.cu_seqlens.tolist()}, max_seqlen {layout.max_seqlen}"
+    )
     return 0
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Adds ``plan`` to ``subparsers``."""
     p = subparsers.add_parser("plan", help="plan reference sizes under one pixel budget (SELF) and pack them")
-    p.add_argument("--size", action="append", type=_parse_size, metavar="HxW",
-                   help="a reference's original size; repeat per reference (default: a 3-image example)")
-    p.add_argument("--budget", type=int, default=1024 * 1024,
-                   help=f"total reference pixels (default 1024^2, at most {MAX_PLAN_PIXELS})")
-    p.add_argument("--target", type=_parse_size, default=(1024, 1024), metavar="HxW",
-                   help="output size, multiples of 16 (default 1024x1024, at most 8192^2 pixels)")
+    p.add_argument(
+        "--size",
+        action="append",
+        type=_parse_size,
+        metavar="HxW",
+        help="a reference's original size; repeat per reference (default: a 3-image example)",
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=1024 * 1024,
+        help=f"total reference pixels (default 1024^2, at most {MAX_PLAN_PIXELS})",
+    )
+    p.add_argument(
+        "--target",
+        type=_parse_size,
+        default=(1024, 1024),
+        metavar="HxW",
+        help="output size, multiples of 16 (default 1024x1024, at most 8192^2 pixels)",
+    )
     p.set_defaults(func=run_plan)
     return p

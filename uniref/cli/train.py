@@ -23,7 +23,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     parent = _parser()
     p = subparsers.add_parser(
-        "train", parents=[parent], add_help=False, help="SFT or MSGRPO training (same arguments as training/run.py)",
+        "train",
+        parents=[parent],
+        add_help=False,
+        help="SFT or MSGRPO training (same arguments as training/run.py)",
         description=parent.description.replace("python training/run.py", "uniref train"),
         formatter_class=parent.formatter_class,
     )

@@ -40,16 +40,22 @@ class DatasetReport:
             hist = ", ".join(f"{k}: {n}" for k, n in sorted(self.references.items()))
             lines.append(f"references per row: {hist}")
         if self.widths:
-            lines.append(f"image sizes (h x w): {min(self.heights)}-{max(self.heights)} x {min(self.widths)}-"
-                         f"{max(self.widths)}, median {statistics.median(self.heights):.0f} x "
-                         f"{statistics.median(self.widths):.0f}")
+            lines.append(
+                f"image sizes (h x w): {min(self.heights)}-{max(self.heights)} x {min(self.widths)}-"
+                f"{max(self.widths)}, median {statistics.median(self.heights):.0f} x "
+                f"{statistics.median(self.widths):.0f}"
+            )
         if self.prompt_chars:
-            lines.append(f"prompt length (characters): {min(self.prompt_chars)}-{max(self.prompt_chars)}, median "
-                         f"{statistics.median(self.prompt_chars):.0f}")
+            lines.append(
+                f"prompt length (characters): {min(self.prompt_chars)}-{max(self.prompt_chars)}, median "
+                f"{statistics.median(self.prompt_chars):.0f}"
+            )
         for (budget, mode), counts in sorted(self.tokens.items()):
             if counts:
-                lines.append(f"image tokens per sample at {budget} px ({mode}): mean {statistics.mean(counts):.0f}, "
-                             f"max {max(counts)}")
+                lines.append(
+                    f"image tokens per sample at {budget} px ({mode}): mean {statistics.mean(counts):.0f}, "
+                    f"max {max(counts)}"
+                )
         lines += [f"bad row {row}: {reason}" for row, reason in self.bad]
         return "\n".join(lines)
 
@@ -100,5 +106,6 @@ def check_dataset(
                 planned = plan_reference_sizes(sizes, budget, multiple, mode) if refs else []
                 images = planned + ([target_hw] if target_hw else [])
                 report.tokens.setdefault((budget, mode), []).append(
-                    sum((h // multiple) * (w // multiple) for h, w in images))
+                    sum((h // multiple) * (w // multiple) for h, w in images)
+                )
     return report

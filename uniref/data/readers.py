@@ -55,8 +55,10 @@ def _resolve(root: Path, value, where: str, allow_outside: bool) -> Path:
         raise DatasetError(f"{where}: expected an image path, got {value!r}")
     path = (root / value).resolve()
     if not allow_outside and not path.is_relative_to(root.resolve()):
-        raise DatasetError(f"{where}: {value} is outside the data root {root}; move the file under the root or "
-                           "set data.allow_outside_root: true")
+        raise DatasetError(
+            f"{where}: {value} is outside the data root {root}; move the file under the root or "
+            "set data.allow_outside_root: true"
+        )
     return path
 
 
@@ -157,7 +159,8 @@ def _musubi(path: Path, root: Path | None, keys: dict, allow_outside: bool):
             controls = sorted((int(m.group(1)), v) for m, v in numbered if m)
             target = row.get(keys.get("target", "image_path"))
             return EditRecord(
-                id=str(row.get("id", i)), prompt=_prompt(row.get(keys.get("prompt", "caption"), ""), where),
+                id=str(row.get("id", i)),
+                prompt=_prompt(row.get(keys.get("prompt", "caption"), ""), where),
                 references=[_resolve(root, v, where, allow_outside) for _, v in controls],
                 target=None if not target else _resolve(root, target, where, allow_outside),
                 metadata={f: v for f, v in row.items() if not f.startswith(("control_path_", "image_path", "caption"))},
@@ -176,8 +179,12 @@ def _musubi(path: Path, root: Path | None, keys: dict, allow_outside: bool):
             by_stem.setdefault(m.group(1), []).append((int(m.group(2)), p))
 
     def build(i, image):
-        return EditRecord(id=image.stem, prompt=_caption(image, keys.get("caption_extension", ".txt")),
-                          references=[p for _, p in sorted(by_stem.get(image.stem, []))], target=image)
+        return EditRecord(
+            id=image.stem,
+            prompt=_caption(image, keys.get("caption_extension", ".txt")),
+            references=[p for _, p in sorted(by_stem.get(image.stem, []))],
+            target=image,
+        )
 
     return _Rows(targets, build)
 
@@ -239,9 +246,12 @@ def _hf(path: Path, root: Path | None, keys: dict, allow_outside: bool):
             values = row.get(ref_cols) or []
             values = values if isinstance(values, list) else [values]
         target = row.get(k["target"])
-        return EditRecord(id=str(row.get(k.get("id", "id"), i)), prompt=_prompt(row[k["prompt"]], where),
-                          references=[image(v, where) for v in values],
-                          target=None if target is None else image(target, where))
+        return EditRecord(
+            id=str(row.get(k.get("id", "id"), i)),
+            prompt=_prompt(row[k["prompt"]], where),
+            references=[image(v, where) for v in values],
+            target=None if target is None else image(target, where),
+        )
 
     return _Rows(list(range(len(table))), build)
 
@@ -254,8 +264,13 @@ def _synthetic(options: dict):
     def build(i, _):
         item = data[i]
         to_pil = lambda t: PIL.Image.fromarray(t.permute(1, 2, 0).numpy())  # noqa: E731
-        return EditRecord(id=str(i), prompt=item["prompt"], references=[to_pil(r) for r in item["references"]],
-                          target=to_pil(item["target"]), metadata={"kind": item["kind"]})
+        return EditRecord(
+            id=str(i),
+            prompt=item["prompt"],
+            references=[to_pil(r) for r in item["references"]],
+            target=to_pil(item["target"]),
+            metadata={"kind": item["kind"]},
+        )
 
     return _Rows(list(range(len(data))), build)
 
@@ -274,8 +289,9 @@ def open_dataset(
     """
     kind, _, rest = spec.partition(":")
     if kind not in SPEC_KINDS:
-        raise DatasetError(f"data.source {spec!r}: must be synthetic or one of diffsynth:, musubi:, aitoolkit:, hf: "
-                           "followed by a path")
+        raise DatasetError(
+            f"data.source {spec!r}: must be synthetic or one of diffsynth:, musubi:, aitoolkit:, hf: followed by a path"
+        )
     if kind == "synthetic":
         if rest:
             raise DatasetError(f"data.source {spec!r}: 'synthetic' takes no path")

@@ -26,8 +26,10 @@ class Float8Linear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None) -> "Float8Linear":
         w = linear.weight.detach().float()
         if not torch.isfinite(w).all():
-            raise ValueError(f"a Linear({linear.in_features}, {linear.out_features}) has non-finite weights: 8-bit "
-                             "storage would hide them; fix the checkpoint first")
+            raise ValueError(
+                f"a Linear({linear.in_features}, {linear.out_features}) has non-finite weights: 8-bit "
+                "storage would hide them; fix the checkpoint first"
+            )
         scale = (w.abs().amax(dim=1) / _E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
         out = cls.__new__(cls)
         nn.Module.__init__(out)

@@ -32,9 +32,18 @@ class WeightsError(ValueError):
 
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the JSON header
 
@@ -117,8 +126,9 @@ def safetensors_index(folder: str | Path, weights_name: str = WEIGHTS_NAME) -> d
     return out
 
 
-def check_tensors(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[Path, tuple[int, ...]]],
-                  what: str) -> None:
+def check_tensors(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[Path, tuple[int, ...]]], what: str
+) -> None:
     """Compares the tensors a model needs (``{name: shape}``) with those its files hold (`safetensors_index`).
 
     Raises:
@@ -129,17 +139,23 @@ def check_tensors(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, t
     missing = [k for k in expected if k not in found]
     if missing:
         files = ", ".join(sorted({str(f) for f, _ in found.values()}))
-        raise WeightsError(f"{files}: tensor {missing[0]!r} is missing ({len(missing)} missing in all) but {what} "
-                           "needs it; the weights are incomplete or belong to another model")
+        raise WeightsError(
+            f"{files}: tensor {missing[0]!r} is missing ({len(missing)} missing in all) but {what} "
+            "needs it; the weights are incomplete or belong to another model"
+        )
     unexpected = [k for k in found if k not in expected]
     if unexpected:
-        raise WeightsError(f"{found[unexpected[0]][0]}: tensor {unexpected[0]!r} is not part of {what} "
-                           f"({len(unexpected)} such tensors); the config does not match the weights (e.g. fewer layers)")
+        raise WeightsError(
+            f"{found[unexpected[0]][0]}: tensor {unexpected[0]!r} is not part of {what} "
+            f"({len(unexpected)} such tensors); the config does not match the weights (e.g. fewer layers)"
+        )
     for name, want in expected.items():
         file, got = found[name]
         if tuple(got) != tuple(want):
-            raise WeightsError(f"{file}: tensor {name!r} has shape {list(got)} but {what} expects {list(want)}; the "
-                               "config does not match the weights")
+            raise WeightsError(
+                f"{file}: tensor {name!r} has shape {list(got)} but {what} expects {list(want)}; the "
+                "config does not match the weights"
+            )
 
 
 def load_into_meta_model(

@@ -235,7 +235,8 @@ class _Derived:
             torch.tensor(ids, device=device), torch.tensor(counts, device=device), output_size=sum(counts)
         )
         self.txt_segment = torch.repeat_interleave(
-            torch.arange(b, device=device), torch.tensor(list(text_lengths), device=device),
+            torch.arange(b, device=device),
+            torch.tensor(list(text_lengths), device=device),
             output_size=sum(text_lengths),
         )
         self.out_segment = torch.repeat_interleave(
@@ -337,9 +338,13 @@ class UniRefTransformer2DModel(ModelMixin, ConfigMixin):
         text_lengths, timestep[, hidden_states])``, still works (deprecated; removed in the next release).
         """
         if isinstance(hidden_states, PackedLatents):
-            warnings.warn("forward(packed, encoder_hidden_states, text_lengths, timestep, hidden_states) is "
-                          "deprecated; call forward(hidden_states, encoder_hidden_states, timestep, layout, "
-                          "text_lengths)", DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                "forward(packed, encoder_hidden_states, text_lengths, timestep, hidden_states) is "
+                "deprecated; call forward(hidden_states, encoder_hidden_states, timestep, layout, "
+                "text_lengths)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             packed, lengths, t = hidden_states, timestep, layout
             tokens = packed.tokens if text_lengths is None else text_lengths
             hidden_states, timestep, layout, text_lengths = tokens, t, packed.layout, lengths
@@ -460,10 +465,15 @@ class UniRefTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"rope_scheme={cfg.rope_scheme!r}: diffusers' QwenImageTransformer2DModel has msrope only")
         with init_empty_weights():
             out = QwenImageTransformer2DModel(
-                patch_size=cfg.patch_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-                num_layers=cfg.num_layers, attention_head_dim=cfg.attention_head_dim,
-                num_attention_heads=cfg.num_attention_heads, joint_attention_dim=cfg.joint_attention_dim,
-                axes_dims_rope=tuple(cfg.axes_dims_rope), zero_cond_t=cfg.zero_cond_t,
+                patch_size=cfg.patch_size,
+                in_channels=cfg.in_channels,
+                out_channels=cfg.out_channels,
+                num_layers=cfg.num_layers,
+                attention_head_dim=cfg.attention_head_dim,
+                num_attention_heads=cfg.num_attention_heads,
+                joint_attention_dim=cfg.joint_attention_dim,
+                axes_dims_rope=tuple(cfg.axes_dims_rope),
+                zero_cond_t=cfg.zero_cond_t,
             )
         out.load_state_dict(self.state_dict(), strict=True, assign=True)
         return out.eval()

@@ -4,5 +4,6 @@ import warnings
 
 from uniref.testing.packing import *  # noqa: F401,F403
 
-warnings.warn("uniref.ops.packing_reference is deprecated; import uniref.testing.packing", DeprecationWarning,
-              stacklevel=2)
+warnings.warn(
+    "uniref.ops.packing_reference is deprecated; import uniref.testing.packing", DeprecationWarning, stacklevel=2
+)

@@ -274,7 +274,8 @@ class UniRefEditPipeline(DiffusionPipeline):
             groups, prompts = [list(refs)], [prompt]
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
             if not (
-                isinstance(images, (list, tuple)) and len(images) == len(prompt)
+                isinstance(images, (list, tuple))
+                and len(images) == len(prompt)
                 and all(isinstance(s, (list, tuple)) for s in images)
             ):
                 raise ValueError(
@@ -295,7 +296,8 @@ class UniRefEditPipeline(DiffusionPipeline):
         elif isinstance(negative_prompt, str):
             negatives = [negative_prompt] * len(prompts)
         elif (
-            isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) == len(prompts)
+            isinstance(negative_prompt, (list, tuple))
+            and len(negative_prompt) == len(prompts)
             and all(isinstance(p, str) for p in negative_prompt)
         ):
             negatives = list(negative_prompt)
@@ -345,7 +347,9 @@ class UniRefEditPipeline(DiffusionPipeline):
         """
         return self.encode_images([image], size)[0]
 
-    def encode_sized(self, images: Sequence[PIL.Image.Image | Tensor], sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    def encode_sized(
+        self, images: Sequence[PIL.Image.Image | Tensor], sizes: Sequence[tuple[int, int]]
+    ) -> list[Tensor]:
         """Normalized latents ``(C, h, w)`` of ``images[i]`` resized to ``sizes[i]``, in order, with one VAE call
         per distinct size (and image type): how references and training targets are encoded."""
         if len(images) != len(sizes):
@@ -410,8 +414,10 @@ class UniRefEditPipeline(DiffusionPipeline):
         if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         if (
-            not isinstance(true_cfg_scale, numbers.Real) or isinstance(true_cfg_scale, bool)
-            or not math.isfinite(true_cfg_scale) or true_cfg_scale < 1
+            not isinstance(true_cfg_scale, numbers.Real)
+            or isinstance(true_cfg_scale, bool)
+            or not math.isfinite(true_cfg_scale)
+            or true_cfg_scale < 1
         ):
             raise ValueError(f"true_cfg_scale must be a number >= 1 (1 disables guidance), got {true_cfg_scale!r}")
         if budget_mode not in BUDGET_MODES:
@@ -486,8 +492,9 @@ class UniRefEditPipeline(DiffusionPipeline):
 
         # 1. Prompts (cond, then uncond: one packed text stream for the whole model batch)
         pil_refs = [[_to_pil(img) for img in refs] for refs in samples]
-        embeds, text_lengths = self.encode_prompt(prompts + negatives if do_cfg else prompts,
-                                                  pil_refs * 2 if do_cfg else pil_refs, device, dtype)
+        embeds, text_lengths = self.encode_prompt(
+            prompts + negatives if do_cfg else prompts, pil_refs * 2 if do_cfg else pil_refs, device, dtype
+        )
 
         # 2. References -> latents, once (images planned to the same size share a VAE call)
         flat = self.encode_sized([img for refs in samples for img in refs], [hw for _, plan in plans for hw in plan])
@@ -500,7 +507,9 @@ class UniRefEditPipeline(DiffusionPipeline):
         #    (T_tgt, C p p); the model batch repeats the samples for the unconditional branch.
         latent_sizes = [(h // f, w // f) for (h, w), _ in plans]
         noise = self.prepare_latents(latent_sizes, generator, device, dtype)
-        batch = SamplingBatch.build(latent_sizes, ref_latents, 2 if do_cfg else 1, p, self.latent_channels, device, dtype)
+        batch = SamplingBatch.build(
+            latent_sizes, ref_latents, 2 if do_cfg else 1, p, self.latent_channels, device, dtype
+        )
         state = pack_latents([[x] for x in noise], patch_size=p).tokens
         schedule = make_schedule(self.scheduler, batch.targets.target_lengths, num_inference_steps, device)
 
@@ -509,8 +518,15 @@ class UniRefEditPipeline(DiffusionPipeline):
 
         # 4. Denoise: one packed forward per step for all samples and both guidance branches
         with self.progress_bar(total=num_inference_steps) as progress_bar:
-            state = denoise(model_fn, batch, schedule, state, true_cfg_scale,
-                            callback=lambda k, x: progress_bar.update(), dtype=dtype)
+            state = denoise(
+                model_fn,
+                batch,
+                schedule,
+                state,
+                true_cfg_scale,
+                callback=lambda k, x: progress_bar.update(),
+                dtype=dtype,
+            )
 
         # 5. Latents -> images, one sample at a time (sizes differ)
         latents = [sample[0] for sample in unpack_latents(state, batch.targets)]
@@ -548,9 +564,9 @@ class UniRefEditPipeline(DiffusionPipeline):
         if pretrained_model_name_or_path is None:
             if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
                 raise DefaultModelUnavailableError(
-                    f"uniref's embedded default model is not shipped in this installation (expected at {DEFAULT_MODEL_DIR}); pass a "
-                    "local pipeline folder to from_pretrained(...), or build a pipeline with "
-                    "UniRefEditPipeline.from_qwenimage_edit(...)"
+                    "uniref's embedded default model is not shipped in this installation (expected at "
+                    f"{DEFAULT_MODEL_DIR}); pass a local pipeline folder to from_pretrained(...), or build a "
+                    "pipeline with UniRefEditPipeline.from_qwenimage_edit(...)"
                 )
             pretrained_model_name_or_path = DEFAULT_MODEL_DIR
         kwargs.setdefault("local_files_only", True)
@@ -585,8 +601,12 @@ class UniRefEditPipeline(DiffusionPipeline):
 
     @classmethod
     def from_qwenimage_edit_folder(
-        cls, folder: str | Path, target_pixels: int = 1024 * 1024, torch_dtype: torch.dtype | None = None,
-        attention_backend: str = "auto", **components,
+        cls,
+        folder: str | Path,
+        target_pixels: int = 1024 * 1024,
+        torch_dtype: torch.dtype | None = None,
+        attention_backend: str = "auto",
+        **components,
     ) -> "UniRefEditPipeline":
         """Loads a local diffusers ``QwenImageEditPlusPipeline`` folder: the transformer straight from its
         safetensors shards (`UniRefTransformer2DModel.from_qwenimage`: one copy of the weights, in
@@ -595,16 +615,21 @@ class UniRefEditPipeline(DiffusionPipeline):
         from diffusers import QwenImageEditPlusPipeline
 
         folder = Path(folder)
-        transformer = UniRefTransformer2DModel.from_qwenimage(folder / "transformer", torch_dtype=torch_dtype,
-                                                             attention_backend=attention_backend)
+        transformer = UniRefTransformer2DModel.from_qwenimage(
+            folder / "transformer", torch_dtype=torch_dtype, attention_backend=attention_backend
+        )
         kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        base = QwenImageEditPlusPipeline.from_pretrained(folder, transformer=None, local_files_only=True,
-                                                         use_safetensors=True, **kwargs, **components)
+        base = QwenImageEditPlusPipeline.from_pretrained(
+            folder, transformer=None, local_files_only=True, use_safetensors=True, **kwargs, **components
+        )
         return cls.from_qwenimage_edit(base, target_pixels=target_pixels, transformer=transformer)
 
     @classmethod
     def from_qwenimage_edit(
-        cls, pipe, target_pixels: int = 1024 * 1024, transformer: UniRefTransformer2DModel | None = None,
+        cls,
+        pipe,
+        target_pixels: int = 1024 * 1024,
+        transformer: UniRefTransformer2DModel | None = None,
         **transformer_overrides,
     ) -> "UniRefEditPipeline":
         """Wraps a loaded diffusers ``QwenImageEditPlusPipeline`` (no download).
@@ -634,7 +659,10 @@ def __getattr__(name):
 
     moved = {"JointBatch": "SamplingBatch", "calculate_shift": "calculate_shift", "guided_velocity": "guided_velocity"}
     if name in moved:
-        warnings.warn(f"uniref.pipelines.edit.{name} is deprecated; use uniref.sampling.{moved[name]}",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"uniref.pipelines.edit.{name} is deprecated; use uniref.sampling.{moved[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(sampling, moved[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -215,8 +215,12 @@ class QwenVLPromptEncoder(ModelMixin):
         self.text_encoder = text_encoder  # registered as a submodule, so pipe.to(device) moves it
         # diffusers' encoding code runs on this text-only pipeline; it shares the model object above.
         self._qwen = QwenImageEditPlusPipeline(
-            scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=processor.tokenizer,
-            processor=processor, transformer=None,
+            scheduler=None,
+            vae=None,
+            text_encoder=text_encoder,
+            tokenizer=processor.tokenizer,
+            processor=processor,
+            transformer=None,
         )
 
     @classmethod
@@ -274,8 +278,10 @@ class QwenVLPromptEncoder(ModelMixin):
         root = str(pretrained_model_name_or_path)
         model_dir = os.path.join(root, cls._model_folder)
         if not any(name.endswith(".safetensors") for name in os.listdir(model_dir)):
-            raise OSError(f"{model_dir} has no .safetensors weights (uniref loads safetensors only and never "
-                          "unpickles .bin files); re-save it with safe_serialization=True")
+            raise OSError(
+                f"{model_dir} has no .safetensors weights (uniref loads safetensors only and never "
+                "unpickles .bin files); re-save it with safe_serialization=True"
+            )
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             model_dir, dtype=torch_dtype, local_files_only=True, use_safetensors=True
         )

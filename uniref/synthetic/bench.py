@@ -186,9 +186,7 @@ def _means(rows: list[dict]) -> dict[str, float]:
     return {k: (float(np.mean([r[k] for r in rows])) if rows else math.nan) for k in SCORE_NAMES}
 
 
-def evaluate(
-    model, suite: str, limit: int | None = None, batch_size: int = 1, name: str | None = None
-) -> SuiteResult:
+def evaluate(model, suite: str, limit: int | None = None, batch_size: int = 1, name: str | None = None) -> SuiteResult:
     """Runs `model` over a suite and scores every case.
 
     Args:

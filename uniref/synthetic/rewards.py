@@ -102,16 +102,12 @@ def _as_array(image, name: str, size: int) -> np.ndarray:
             raise ValueError(f"{name} as a tensor must be uint8 or floating point, got {t.dtype}")
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(
-                f"{name} as an array must be uint8 (H, W, 3), got {image.dtype} of shape {image.shape}"
-            )
+            raise ValueError(f"{name} as an array must be uint8 (H, W, 3), got {image.dtype} of shape {image.shape}")
         arr = image
     else:
         raise TypeError(f"{name} must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
     if arr.shape[:2] != (size, size):
-        raise ValueError(
-            f"{name} must be {size}x{size} (the task's target size), got {arr.shape[0]}x{arr.shape[1]}"
-        )
+        raise ValueError(f"{name} must be {size}x{size} (the task's target size), got {arr.shape[0]}x{arr.shape[1]}")
     return arr.astype(np.float32)
 
 
@@ -175,9 +171,7 @@ class _Reference:
 
         # Objects whose fidelity counts; they are also the presence checks, except in a background
         # change, where the objects are kept rather than placed.
-        self.fidelity_checks = (
-            list(target.objects) if spec.new_background else [target.objects[i] for i in spec.placed]
-        )
+        self.fidelity_checks = list(target.objects) if spec.new_background else [target.objects[i] for i in spec.placed]
 
 
 @lru_cache(maxsize=128)  # ~120 KB each at 64 px; RL scores a group of rollouts against one task
@@ -285,9 +279,7 @@ def _object_evidence(probes: list[_Probe]) -> list[tuple[bool, float]]:
             dy, dx = divmod(int(shift), 2 * radius + 1)
             o0 = (canvas - found) // 2
             region = ys[j, dy + o0 : dy + o0 + found, dx + o0 : dx + o0 + found]
-            dist = float(
-                np.median(np.linalg.norm(region[shape_mask(o.shape, found)] - _OBJ_RGB[o.colour], axis=-1))
-            )
+            dist = float(np.median(np.linalg.norm(region[shape_mask(o.shape, found)] - _OBJ_RGB[o.colour], axis=-1)))
             colour_fid = float(np.clip((_COLOUR_WRONG - dist) / (_COLOUR_WRONG - _COLOUR_OK), 0.0, 1.0))
             out[i] = (present, (float(own) + size_fid + colour_fid) / 3.0)
     return out
@@ -328,9 +320,7 @@ def _scores(specs: Sequence[TaskSpec], outputs: Sequence[np.ndarray]) -> np.ndar
     result = np.zeros((len(specs), 3), np.float64)
     for n, (ref, y) in enumerate(zip(refs, outputs)):
         ev = evidence[first[n] : first[n] + len(ref.fidelity_checks)]
-        gone = evidence[
-            first[n] + len(ref.fidelity_checks) : first[n] + len(ref.fidelity_checks) + len(ref.vacated)
-        ]
+        gone = evidence[first[n] + len(ref.fidelity_checks) : first[n] + len(ref.fidelity_checks) + len(ref.vacated)]
         y_smooth = _box3(y)
         agree = _agree(y_smooth, ref)
         background_agree = float(agree[ref.background_pixels].mean())
@@ -376,9 +366,7 @@ def score_batch(tasks: Sequence, images) -> torch.Tensor:
             raise ValueError(f"images as a tensor must be (N, 3, H, W), got shape {tuple(images.shape)}")
         images = list(images.unbind(0))
     elif isinstance(images, (Image.Image, np.ndarray)) or not isinstance(images, Sequence):
-        raise TypeError(
-            f"images must be a sequence of images or an (N, 3, H, W) tensor, got {type(images).__name__}"
-        )
+        raise TypeError(f"images must be a sequence of images or an (N, 3, H, W) tensor, got {type(images).__name__}")
     if len(images) != len(tasks):
         raise ValueError(f"got {len(tasks)} tasks but {len(images)} images; pass one output per task")
     specs = [_spec_of(t, f"tasks[{i}]") for i, t in enumerate(tasks)]

@@ -188,8 +188,7 @@ def edit_region(spec: TaskSpec) -> list[tuple[int, int, int, int]]:
     objs = [spec.target.objects[i] for i in spec.placed] + list(spec.vacated)
     h, w = spec.target.height, spec.target.width
     return [
-        (max(0, o.y - pad), min(h, o.y + o.size + pad), max(0, o.x - pad), min(w, o.x + o.size + pad))
-        for o in objs
+        (max(0, o.y - pad), min(h, o.y + o.size + pad), max(0, o.x - pad), min(w, o.x + o.size + pad)) for o in objs
     ]
 
 

@@ -24,7 +24,8 @@ def __getattr__(name):
 
         from uniref import presets
 
-        warnings.warn(f"uniref.testing.{name} is deprecated; import it from uniref.presets", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"uniref.testing.{name} is deprecated; import it from uniref.presets", DeprecationWarning, stacklevel=2
+        )
         return getattr(presets, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,12 @@ from uniref.packing import cu_seqlens_from_lengths
 
 
 def varlen_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, softmax_scale: float | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    softmax_scale: float | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Tensor]:
     """softmax(q k^T * scale) v per sample, with plain matmuls computed in `dtype` (float64 by default).
@@ -39,8 +44,13 @@ def varlen_attention_reference(
 
 
 def make_varlen_inputs(
-    q_lens: Sequence[int], k_lens: Sequence[int] | None = None, heads: int = 8, head_dim: int = 64,
-    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0,
+    q_lens: Sequence[int],
+    k_lens: Sequence[int] | None = None,
+    heads: int = 8,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int, int]:
     """Random packed ``(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)``; k_lens
     defaults to q_lens (self-attention). Values are drawn in float32 on the CPU, then cast and moved,

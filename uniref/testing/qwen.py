@@ -10,8 +10,14 @@ from uniref.presets import qwenimage_scheduler
 __all__ = ["QWEN_SPECIAL_TOKENS", "tiny_qwen_edit_plus"]
 
 QWEN_SPECIAL_TOKENS = {
-    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
-    "<|vision_end|>": 151653, "<|vision_pad|>": 151654, "<|image_pad|>": 151655, "<|video_pad|>": 151656,
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
 }
 
 
@@ -47,26 +53,51 @@ def tiny_qwen_edit_plus():
 
     torch.manual_seed(0)
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(4, 6, 6),
     )
     vae = AutoencoderKLQwenImage(
-        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
-        latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 2.0, 1.0, 0.5],
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.0, 0.3],
+        latents_std=[1.5, 2.0, 1.0, 0.5],
     )
-    text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-                rope_theta=1e6, vocab_size=151657)
+    text = dict(
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        rope_theta=1e6,
+        vocab_size=151657,
+    )
     config = Qwen2_5_VLConfig(
         text_config=text,
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
-        hidden_size=16, vocab_size=151657, vision_start_token_id=151652, vision_end_token_id=151653,
-        vision_token_id=151654, image_token_id=151655,
+        hidden_size=16,
+        vocab_size=151657,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        vision_token_id=151654,
+        image_token_id=151655,
     )
     pipe = QwenImageEditPlusPipeline(
         scheduler=qwenimage_scheduler(),
-        vae=vae.eval(), text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer=tokenizer,
-        processor=processor, transformer=transformer.eval(),
+        vae=vae.eval(),
+        text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
+        tokenizer=tokenizer,
+        processor=processor,
+        transformer=transformer.eval(),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

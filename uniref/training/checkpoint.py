@@ -232,8 +232,11 @@ def check_resumable(path: str | Path, config: dict, total_steps: int) -> int:
             f"--resume {path}: no {CONFIG_FILE} (written by an older uniref); start a new run"
         ) from None
     now = _flatten(json.loads(json.dumps(config)))
-    differ = [k for k in sorted(set(saved) | set(now))
-              if saved.get(k, "<absent>") != now.get(k, "<absent>") and not any(h.search(k) for h in HARMLESS_KEYS)]
+    differ = [
+        k
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k, "<absent>") != now.get(k, "<absent>") and not any(h.search(k) for h in HARMLESS_KEYS)
+    ]
     if differ:
         shown = ", ".join(f"{k} ({saved.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r})" for k in differ[:8])
         more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
@@ -249,8 +252,16 @@ def check_resumable(path: str | Path, config: dict, total_steps: int) -> int:
     return step
 
 
-def save_checkpoint(engine, output: str | Path, step: int, state: dict, keep_last: int,
-                    exclude_frozen: bool = False, config: dict | None = None, tmp_tag: str = "") -> Path:
+def save_checkpoint(
+    engine,
+    output: str | Path,
+    step: int,
+    state: dict,
+    keep_last: int,
+    exclude_frozen: bool = False,
+    config: dict | None = None,
+    tmp_tag: str = "",
+) -> Path:
     """Writes checkpoint ``step`` atomically on every rank together; returns its folder.
 
     ``config``: the run's `TrainConfig.to_dict` (checked on resume); ``tmp_tag``: the same string on every
@@ -326,7 +337,10 @@ def load_checkpoint(engine, path: Path, exclude_frozen: bool = False) -> dict:
     state = json.loads((path / STATE_FILE).read_text())
     engine.checkpoint_engine.load = safe_torch_load  # DeepSpeed's own load unpickles with weights_only=False
     load_path, _ = engine.load_checkpoint(
-        str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+        str(path),
+        tag=TAG,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
         load_module_strict=not exclude_frozen,
     )
     if load_path is None:

@@ -18,16 +18,24 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="a YAML config (training/configs/*.yaml)")
-    p.add_argument("--resume", default=None,
-                   help="auto (the newest complete checkpoint of --output) or a checkpoint folder")
-    p.add_argument("--output", default=None, help="the run folder (overrides the config's output); a folder that "
-                   "holds a run needs --resume or --overwrite")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --output (removes what a run wrote there: checkpoints, final, logs)")
+    p.add_argument(
+        "--resume", default=None, help="auto (the newest complete checkpoint of --output) or a checkpoint folder"
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        help="the run folder (overrides the config's output); a folder that holds a run needs --resume or --overwrite",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --output (removes what a run wrote there: checkpoints, final, logs)",
+    )
     # deepspeed's launcher passes it
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. optim.lr=3e-4 sft.token_budget=512")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4 sft.token_budget=512"
+    )
     return p
 
 

@@ -93,8 +93,13 @@ class _Checks:
         self.need(ok, f"{key}: must be an int {bound}, got {v!r}")
 
     def number(self, v, key: str, low: float, high: float = math.inf, strict: bool = False) -> None:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
-            low < v if strict else low <= v) and v <= high
+        ok = (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and (low < v if strict else low <= v)
+            and v <= high
+        )
         self.need(ok, f"{key}: must be a finite number in {'(' if strict else '['}{low}, {high}], got {v!r}")
 
     def one_of(self, v, choices, key: str, quote: bool = False) -> None:
@@ -122,8 +127,16 @@ class LoraConfig:
     dropout: float = 0.0  # dropout on the adapters' input, in [0, 1]
     # names of the transformer's linear layers that get adapters (peft's suffix match)
     target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                                 "to_add_out"]
+        default_factory=lambda: [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_add_out",
+        ]
     )
 
     # LoRA file formats written to final/lora/ beside the merged model: diffusers (what diffusers' Qwen
@@ -171,8 +184,10 @@ class ModelConfig:
 
         c.int_at_least(self.checkpoint_every_k_blocks, "model.checkpoint_every_k_blocks")
         c.one_of(self.base_dtype, BaseDtype, "model.base_dtype")
-        c.need(self.base_dtype == "auto" or self.lora is not None,
-               "model.base_dtype: an 8-bit base is frozen, so it needs model.lora (adapters to train)")
+        c.need(
+            self.base_dtype == "auto" or self.lora is not None,
+            "model.base_dtype: an 8-bit base is frozen, so it needs model.lora (adapters to train)",
+        )
 
         if self.vae is not None:
             c.need(self.preset is not None, "model.vae: replaces a preset's VAE; a pretrained pipeline keeps its own")
@@ -189,19 +204,29 @@ class ModelConfig:
         if self.lora is not None:
             self.lora.check(c)
             if self.train_text_encoder:
-                c.errors.append("model.lora: LoRA trains adapters on the transformer only; set "
-                                "model.train_text_encoder: false")
-        c.need(self.attention_backend in ("auto", *BACKENDS),
-               f"model.attention_backend: must be auto or one of {BACKENDS}")
+                c.errors.append(
+                    "model.lora: LoRA trains adapters on the transformer only; set model.train_text_encoder: false"
+                )
+        c.need(
+            self.attention_backend in ("auto", *BACKENDS), f"model.attention_backend: must be auto or one of {BACKENDS}"
+        )
 
     def check_files(self, c: _Checks) -> None:
         """The model folders exist and hold safetensors weights (nothing else is ever loaded)."""
         if self.pretrained is not None and self.pretrained != "default":
-            _check_pipeline_folder(c, "model.pretrained", Path(self.pretrained),
-                                   "point it at a run's <output>/final or a UniRefEditPipeline.save_pretrained folder")
+            _check_pipeline_folder(
+                c,
+                "model.pretrained",
+                Path(self.pretrained),
+                "point it at a run's <output>/final or a UniRefEditPipeline.save_pretrained folder",
+            )
         if self.qwen_image_edit is not None:
-            _check_pipeline_folder(c, "model.qwen_image_edit", Path(self.qwen_image_edit),
-                                   "point it at a local diffusers QwenImageEditPlusPipeline folder")
+            _check_pipeline_folder(
+                c,
+                "model.qwen_image_edit",
+                Path(self.qwen_image_edit),
+                "point it at a local diffusers QwenImageEditPlusPipeline folder",
+            )
         if self.lora is not None and self.lora.init is not None:
             from uniref.lora import LoraError, read_lora
 
@@ -212,8 +237,10 @@ class ModelConfig:
         if self.vae is not None:
             folder = Path(self.vae)
             if not (folder / "config.json").is_file():
-                c.errors.append(f"model.vae: {folder} is not a saved AutoencoderKL folder (no config.json); train one "
-                                "with a `task: vae` config")
+                c.errors.append(
+                    f"model.vae: {folder} is not a saved AutoencoderKL folder (no config.json); train one "
+                    "with a `task: vae` config"
+                )
             else:
                 _check_safetensors(c, "model.vae", folder)
 
@@ -242,8 +269,10 @@ class ModelConfig:
 
 def _check_safetensors(c: _Checks, key: str, folder: Path) -> None:
     if any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
-        c.errors.append(f"{key}: {folder} holds only .bin weights (pickles, which uniref never loads); save it again "
-                        "with safetensors (save_pretrained(..., safe_serialization=True))")
+        c.errors.append(
+            f"{key}: {folder} holds only .bin weights (pickles, which uniref never loads); save it again "
+            "with safetensors (save_pretrained(..., safe_serialization=True))"
+        )
 
 
 def _check_pipeline_folder(c: _Checks, key: str, folder: Path, fix: str) -> None:
@@ -285,8 +314,10 @@ class DataConfig:
         from uniref.synthetic import EDIT_KINDS
 
         kind, _, path = self.source.partition(":") if isinstance(self.source, str) else ("", "", "")
-        c.need(kind in SPEC_KINDS and (kind == "synthetic") != bool(path),
-               f"data.source: must be synthetic or one of {[k + ':PATH' for k in SPEC_KINDS[1:]]}, got {self.source!r}")
+        c.need(
+            kind in SPEC_KINDS and (kind == "synthetic") != bool(path),
+            f"data.source: must be synthetic or one of {[k + ':PATH' for k in SPEC_KINDS[1:]]}, got {self.source!r}",
+        )
         c.one_of(self.on_bad_row, BadRow, "data.on_bad_row")
         c.int_at_least(self.size, "data.size", 32)
         c.number(self.compose_ratio, "data.compose_ratio", 0.0, 1.0)
@@ -295,8 +326,10 @@ class DataConfig:
             c.int_at_least(self.length, "data.length")
         if self.edit_kinds is not None:
             bad = [k for k in self.edit_kinds if k not in EDIT_KINDS]
-            c.need(bool(self.edit_kinds) and not bad,
-                   f"data.edit_kinds: must be a non-empty subset of {EDIT_KINDS}, got {self.edit_kinds!r}")
+            c.need(
+                bool(self.edit_kinds) and not bad,
+                f"data.edit_kinds: must be a non-empty subset of {EDIT_KINDS}, got {self.edit_kinds!r}",
+            )
 
 
 @dataclass
@@ -314,8 +347,10 @@ class OptimConfig:
 
     def check(self, c: _Checks) -> None:
         c.number(self.lr, "optim.lr", 0.0, strict=True)
-        c.need(len(self.betas) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in self.betas),
-               f"optim.betas: must be two numbers in [0, 1), got {self.betas!r}")
+        c.need(
+            len(self.betas) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in self.betas),
+            f"optim.betas: must be two numbers in [0, 1), got {self.betas!r}",
+        )
         c.number(self.weight_decay, "optim.weight_decay", 0.0)
         c.number(self.eps, "optim.eps", 0.0, strict=True)
         c.int_at_least(self.warmup_steps, "optim.warmup_steps", 0)
@@ -345,10 +380,14 @@ class DeepSpeedConfig:
         c.int_at_least(self.micro_batches_per_step, "deepspeed.micro_batches_per_step")
         c.one_of(self.offload_optimizer, Offload, "deepspeed.offload_optimizer")
         c.one_of(self.offload_param, Offload, "deepspeed.offload_param")
-        c.need(self.offload_optimizer == "none" or self.zero_stage >= 1,
-               "deepspeed.offload_optimizer: needs zero_stage >= 1 (the states it moves are ZeRO's partitions)")
-        c.need(self.offload_param == "none" or self.zero_stage == 3,
-               "deepspeed.offload_param: needs zero_stage 3 (only ZeRO-3 partitions the parameters)")
+        c.need(
+            self.offload_optimizer == "none" or self.zero_stage >= 1,
+            "deepspeed.offload_optimizer: needs zero_stage >= 1 (the states it moves are ZeRO's partitions)",
+        )
+        c.need(
+            self.offload_param == "none" or self.zero_stage == 3,
+            "deepspeed.offload_param: needs zero_stage 3 (only ZeRO-3 partitions the parameters)",
+        )
         if self.config is not None and not Path(self.config).is_file():
             c.errors.append(f"deepspeed.config: {self.config} is not a file; give a DeepSpeed JSON or remove the key")
 
@@ -369,9 +408,13 @@ class VAEConfig:
     kl_weight: float = 1e-6  # weight of the posterior's KL to N(0, I)
 
     def check(self, c: _Checks) -> None:
-        c.need(bool(self.block_out_channels) and all(isinstance(ch, int) and ch > 0 and ch % self.norm_num_groups == 0
-                                                     for ch in self.block_out_channels),
-               f"vae.block_out_channels: must be positive multiples of vae.norm_num_groups={self.norm_num_groups}")
+        c.need(
+            bool(self.block_out_channels)
+            and all(
+                isinstance(ch, int) and ch > 0 and ch % self.norm_num_groups == 0 for ch in self.block_out_channels
+            ),
+            f"vae.block_out_channels: must be positive multiples of vae.norm_num_groups={self.norm_num_groups}",
+        )
         c.int_at_least(self.latent_channels, "vae.latent_channels")
         c.int_at_least(self.layers_per_block, "vae.layers_per_block")
         c.int_at_least(self.steps, "vae.steps")
@@ -466,20 +509,27 @@ class MSGRPOConfig:
         c.number(self.noise_level, "msgrpo.noise_level", 0.0, strict=True)
         c.one_of(self.kind, SdeKind, "msgrpo.kind")
         if self.kind == "cps":
-            c.number(self.noise_level, "msgrpo.noise_level (cps: sin(a pi / 2) must stay below 1)", 0.0, 0.99,
-                     strict=True)
+            c.number(
+                self.noise_level, "msgrpo.noise_level (cps: sin(a pi / 2) must stay below 1)", 0.0, 0.99, strict=True
+            )
         if self.sde_window is not None:
             w = self.sde_window
-            c.need(len(w) == 2 and 0 <= w[0] < w[1] <= self.num_steps,
-                   f"msgrpo.sde_window: must be [start, stop) with 0 <= start < stop <= num_steps, got {w!r}")
+            c.need(
+                len(w) == 2 and 0 <= w[0] < w[1] <= self.num_steps,
+                f"msgrpo.sde_window: must be [start, stop) with 0 <= start < stop <= num_steps, got {w!r}",
+            )
         c.number(self.cfg_scale, "msgrpo.cfg_scale", 1.0)
         c.int_at_least(self.pixel_budget, "msgrpo.pixel_budget", 16 * 16)
         c.one_of(self.budget_mode, BudgetMode, "msgrpo.budget_mode")
-        c.need(self.reward == "synthetic" or ":" in self.reward,
-               f"msgrpo.reward: must be 'synthetic' or 'module:function' returning (N, S) rewards, got {self.reward!r}")
+        c.need(
+            self.reward == "synthetic" or ":" in self.reward,
+            f"msgrpo.reward: must be 'synthetic' or 'module:function' returning (N, S) rewards, got {self.reward!r}",
+        )
         if self.reward_weights is not None:
-            c.need(bool(self.reward_weights) and all(math.isfinite(w) for w in self.reward_weights),
-                   "msgrpo.reward_weights: must be a non-empty list of finite numbers")
+            c.need(
+                bool(self.reward_weights) and all(math.isfinite(w) for w in self.reward_weights),
+                "msgrpo.reward_weights: must be a non-empty list of finite numbers",
+            )
         c.one_of(self.aggregate, Aggregate, "msgrpo.aggregate")
         c.one_of(self.adv_std, AdvStd, "msgrpo.adv_std")
         c.number(self.adv_clip, "msgrpo.adv_clip", 0.0, strict=True)
@@ -551,17 +601,24 @@ class TrainConfig:
         m = self.model
         sources = [k for k in ("preset", "pretrained", "qwen_image_edit") if getattr(m, k) is not None]
         if self.task == "vae":
-            c.need(not sources,
-                   f"model: a vae task trains its own autoencoder (the vae section); remove model.{sources}")
-            c.need(self.data.source == "synthetic",
-                   "data.source: a vae task trains on the synthetic world's images; set data.source: synthetic")
+            c.need(
+                not sources, f"model: a vae task trains its own autoencoder (the vae section); remove model.{sources}"
+            )
+            c.need(
+                self.data.source == "synthetic",
+                "data.source: a vae task trains on the synthetic world's images; set data.source: synthetic",
+            )
         else:
-            c.need(len(sources) == 1,
-                   f"model: give exactly one of preset, pretrained, qwen_image_edit (got {sources or 'none'})")
+            c.need(
+                len(sources) == 1,
+                f"model: give exactly one of preset, pretrained, qwen_image_edit (got {sources or 'none'})",
+            )
         if self.task == "msgrpo" and self.data.source != "synthetic":
-            c.need(self.msgrpo.reward != "synthetic",
-                   "msgrpo.reward: the synthetic reward scores the synthetic world's tasks only; with data.source "
-                   f"{self.data.source!r} give a reward for its rows (module:function, called as fn(records, images))")
+            c.need(
+                self.msgrpo.reward != "synthetic",
+                "msgrpo.reward: the synthetic reward scores the synthetic world's tasks only; with data.source "
+                f"{self.data.source!r} give a reward for its rows (module:function, called as fn(records, images))",
+            )
         m.check(c)
         self.data.check(c)
         self.optim.check(c)
@@ -573,9 +630,11 @@ class TrainConfig:
             s, d = self.sft, self.data
             if m.qwen_image_edit is None and isinstance(s.token_budget, int) and isinstance(d.size, int):
                 one_target = (d.size // 16) ** 2
-                c.need(s.token_budget >= 2 * one_target,
-                       f"sft.token_budget: {s.token_budget} image tokens cannot hold one sample (a {d.size}px target "
-                       f"alone is {one_target} tokens, plus references); raise it to at least {4 * one_target}")
+                c.need(
+                    s.token_budget >= 2 * one_target,
+                    f"sft.token_budget: {s.token_budget} image tokens cannot hold one sample (a {d.size}px target "
+                    f"alone is {one_target} tokens, plus references); raise it to at least {4 * one_target}",
+                )
         elif self.task == "msgrpo":
             self.msgrpo.check(c)
             if self.deepspeed.micro_batches_per_step != 1:
@@ -608,9 +667,11 @@ class TrainConfig:
         if self.task == "sft" and not errors:
             limit, why = _token_limit(self.model, self.deepspeed.bf16)
             if limit is not None:
-                c.need(self.sft.token_budget <= limit,
-                       f"sft.token_budget: {self.sft.token_budget} tokens is over this machine's limit of {limit} for "
-                       f"this model ({why}); lower it")
+                c.need(
+                    self.sft.token_budget <= limit,
+                    f"sft.token_budget: {self.sft.token_budget} tokens is over this machine's limit of {limit} for "
+                    f"this model ({why}); lower it",
+                )
         if errors:
             sep = "\n  " if len(errors) > 1 else " "
             raise ConfigError("invalid training config:" + sep + sep.join(errors))
@@ -634,8 +695,10 @@ def _token_limit(model: ModelConfig, bf16: bool) -> tuple[int | None, str]:
     else:
         memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
     per_token = layers * width * (2 if bf16 else 4)
-    return memory // per_token, (f"{layers} blocks x {width} values x {2 if bf16 else 4} bytes kept per token "
-                                 f"for the backward pass, {memory / 2**30:.0f} GiB of {where}")
+    return memory // per_token, (
+        f"{layers} blocks x {width} values x {2 if bf16 else 4} bytes kept per token "
+        f"for the backward pass, {memory / 2**30:.0f} GiB of {where}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,17 +725,23 @@ def _yaml_loader():
 
         def compose_node(self, parent, index):
             if self.check_event(yaml.AliasEvent):
-                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config; write the "
-                                                  "value out", self.peek_event().start_mark)
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    "aliases (*name) are not allowed in a config; write the value out",
+                    self.peek_event().start_mark,
+                )
             self.nodes += 1
             if self.nodes > MAX_YAML_NODES:
-                raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_NODES} values",
-                                                  self.peek_event().start_mark)
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_YAML_NODES} values", self.peek_event().start_mark
+                )
             return super().compose_node(parent, index)
 
     def refuse(loader, node):
-        raise yaml.constructor.ConstructorError(None, None, f"{node.tag.split(':')[-1]} values are not config values",
-                                                node.start_mark)
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.tag.split(':')[-1]} values are not config values", node.start_mark
+        )
 
     ConfigLoader.yaml_implicit_resolvers = {
         first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
@@ -795,8 +864,9 @@ def _build(cls, values: dict, where: str, errors: list[str]):
     return cls(**kwargs)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: dict | None = None) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
+) -> TrainConfig:
     """Reads a YAML config (or ``base``), applies ``key=value`` overrides (values in YAML syntax) and validates
     it (`TrainConfig.check`; the folders it names are checked where the job starts, by
     `TrainConfig.check_environment`).

@@ -63,8 +63,13 @@ class RecordItems(torch.utils.data.Dataset):
         if record.target is None:
             raise DatasetError(f"row {i} (id {record.id}): no target image, which supervised training needs")
         target, refs = record.tensors()
-        return {"target": target, "references": refs, "reference_sizes": [tuple(r.shape[1:]) for r in refs],
-                "prompt": record.prompt, "id": record.id}
+        return {
+            "target": target,
+            "references": refs,
+            "reference_sizes": [tuple(r.shape[1:]) for r in refs],
+            "prompt": record.prompt,
+            "id": record.id,
+        }
 
 
 def make_dataset(data_cfg, seed: int):

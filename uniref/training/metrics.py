@@ -80,8 +80,11 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     rows = read_metrics(metrics_path)
     if not rows:
         return None
-    keys = [k for k in ("loss", "reward/weighted", "reward/overall", "grad_norm", "kl", "clip_fraction")
-            if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    keys = [
+        k
+        for k in ("loss", "reward/weighted", "reward/overall", "grad_norm", "kl", "clip_fraction")
+        if any(isinstance(r.get(k), (int, float)) for r in rows)
+    ]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]

@@ -46,8 +46,12 @@ class PromptBatch:
         if self.embeds is not None:
             cu = cu_seqlens_from_lengths(self.lengths).tolist()
             embeds = torch.cat([self.embeds[cu[r] : cu[r + 1]] for r in rows])
-        return PromptBatch([self.texts[r] for r in rows], [self.images[r] for r in rows], embeds,
-                           None if self.lengths is None else [self.lengths[r] for r in rows])
+        return PromptBatch(
+            [self.texts[r] for r in rows],
+            [self.images[r] for r in rows],
+            embeds,
+            None if self.lengths is None else [self.lengths[r] for r in rows],
+        )
 
     def without_embeds(self) -> "PromptBatch":
         return dataclasses.replace(self, embeds=None, lengths=None)
@@ -61,15 +65,22 @@ def build_pipeline(model_cfg, seed: int):
     if model_cfg.preset is not None:
         from uniref.presets import random_edit_pipeline
 
-        pipe = random_edit_pipeline(model_cfg.preset, seed=seed, attention_backend=model_cfg.attention_backend,
-                                    transformer_overrides=model_cfg.overrides)
+        pipe = random_edit_pipeline(
+            model_cfg.preset,
+            seed=seed,
+            attention_backend=model_cfg.attention_backend,
+            transformer_overrides=model_cfg.overrides,
+        )
         if model_cfg.vae is not None:
             from diffusers import AutoencoderKL
 
             vae = AutoencoderKL.from_pretrained(model_cfg.vae, use_safetensors=True)
             pipe = UniRefEditPipeline(  # re-checks that the trained VAE's latents fit the transformer
-                transformer=pipe.transformer, vae=vae, scheduler=pipe.scheduler,
-                text_encoder=pipe.text_encoder, target_pixels=pipe.config.target_pixels,
+                transformer=pipe.transformer,
+                vae=vae,
+                scheduler=pipe.scheduler,
+                text_encoder=pipe.text_encoder,
+                target_pixels=pipe.config.target_pixels,
                 pixel_budget=pipe.config.get("pixel_budget"),
             )
     elif model_cfg.pretrained is not None:
@@ -78,8 +89,9 @@ def build_pipeline(model_cfg, seed: int):
         pipe.transformer.register_to_config(attention_backend=model_cfg.attention_backend)
     else:
         # the transformer straight from its shards (one copy of the weights, as stored), the rest through diffusers
-        pipe = UniRefEditPipeline.from_qwenimage_edit_folder(model_cfg.qwen_image_edit,
-                                                             attention_backend=model_cfg.attention_backend)
+        pipe = UniRefEditPipeline.from_qwenimage_edit_folder(
+            model_cfg.qwen_image_edit, attention_backend=model_cfg.attention_backend
+        )
     pipe.vae.requires_grad_(False).eval()
     pipe.transformer.train()
     if model_cfg.gradient_checkpointing:
@@ -95,8 +107,14 @@ class EditModel(nn.Module):
     prompts on the way (with gradients when the text encoder trains).
     """
 
-    def __init__(self, transformer: nn.Module, text_encoder: nn.Module, train_text_encoder: bool, lora=None,
-                 base_dtype: str = "auto"):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        text_encoder: nn.Module,
+        train_text_encoder: bool,
+        lora=None,
+        base_dtype: str = "auto",
+    ):
         super().__init__()
         if lora is not None:
             from peft import LoraConfig, inject_adapter_in_model
@@ -111,8 +129,12 @@ class EditModel(nn.Module):
             if lora.init is not None:  # further training of a LoRA made here or elsewhere
                 inject_lora(transformer, read_lora(lora.init)[0])
             else:
-                config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                    target_modules=list(lora.target_modules))
+                config = LoraConfig(
+                    r=lora.rank,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules),
+                )
                 inject_adapter_in_model(config, transformer)
             if not any(p.requires_grad for p in transformer.parameters()):
                 raise ValueError(
@@ -182,6 +204,11 @@ def merged_pipeline(pipe, model: EditModel, pixel_budget: int | None = None):
     text_encoder = copy.deepcopy(model.text_encoder).float().eval().requires_grad_(False)
     from uniref.pipelines.edit import UniRefEditPipeline
 
-    return UniRefEditPipeline(transformer=transformer, vae=pipe.vae, scheduler=pipe.scheduler,
-                              text_encoder=text_encoder, target_pixels=pipe.config.target_pixels,
-                              pixel_budget=pixel_budget or pipe.config.get("pixel_budget"))
+    return UniRefEditPipeline(
+        transformer=transformer,
+        vae=pipe.vae,
+        scheduler=pipe.scheduler,
+        text_encoder=text_encoder,
+        target_pixels=pipe.config.target_pixels,
+        pixel_budget=pixel_budget or pipe.config.get("pixel_budget"),
+    )

@@ -31,8 +31,17 @@ from uniref.training.collective import all_finite, global_mean
 from uniref.training.modules import PromptBatch, compute_dtype
 from uniref.training.seeding import generator_for, seed_for
 
-__all__ = ["Rollout", "RolloutPrompt", "RewardFn", "load_reward", "phase_at", "rollout", "rollout_tasks",
-           "train_on_rollout", "window"]
+__all__ = [
+    "Rollout",
+    "RolloutPrompt",
+    "RewardFn",
+    "load_reward",
+    "phase_at",
+    "rollout",
+    "rollout_tasks",
+    "train_on_rollout",
+    "window",
+]
 
 
 @dataclass
@@ -96,8 +105,9 @@ def rollout_tasks(msgrpo_cfg, data_cfg, seed: int, step: int) -> list[RolloutPro
     ``data.source`` (drawn by a generator keyed by the step, so ranks and resumes agree; targets optional).
     With ``prompt_pool`` they cycle through a fixed pool."""
     if data_cfg.source != "synthetic":
-        records = _records(data_cfg.source, data_cfg.root, tuple(sorted(data_cfg.keys.items())),
-                           data_cfg.allow_outside_root)
+        records = _records(
+            data_cfg.source, data_cfg.root, tuple(sorted(data_cfg.keys.items())), data_cfg.allow_outside_root
+        )
         out = []
         for j in range(msgrpo_cfg.prompts_per_step):
             index = step * msgrpo_cfg.prompts_per_step + j
@@ -157,14 +167,26 @@ class Rollout:
         n = len(self.tasks)
         pick = lambda x: _per_sample(x, n)[rows].reshape(-1, x.shape[-1])  # noqa: E731
         targets = self.batch.targets
-        batch = SamplingBatch.build([targets.image_sizes[r][0] for r in rows], [self.ref_latents[r] for r in rows],
-                                    self.batch.copies, targets.patch_size, targets.channels,
-                                    self.batch.reference_tokens.device, self.batch.reference_tokens.dtype)
+        batch = SamplingBatch.build(
+            [targets.image_sizes[r][0] for r in rows],
+            [self.ref_latents[r] for r in rows],
+            self.batch.copies,
+            targets.patch_size,
+            targets.channels,
+            self.batch.reference_tokens.device,
+            self.batch.reference_tokens.dtype,
+        )
         prompt_rows = rows + [n + r for r in rows] if self.batch.copies == 2 else rows
         return Rollout(
-            [self.tasks[r] for r in rows], self.group_ids[rows], self.prompts.select(prompt_rows), batch,
-            Schedule(self.schedule.sigmas[rows], self.schedule.timesteps[rows]), [pick(x) for x in self.states],
-            {k: v[rows] for k, v in self.log_probs.items()}, self.images[rows], [self.ref_latents[r] for r in rows],
+            [self.tasks[r] for r in rows],
+            self.group_ids[rows],
+            self.prompts.select(prompt_rows),
+            batch,
+            Schedule(self.schedule.sigmas[rows], self.schedule.timesteps[rows]),
+            [pick(x) for x in self.states],
+            {k: v[rows] for k, v in self.log_probs.items()},
+            self.images[rows],
+            [self.ref_latents[r] for r in rows],
             None if self.rewards is None else self.rewards[rows],
             None if self.advantages is None else self.advantages[rows],
         )
@@ -225,16 +247,29 @@ def rollout(
             return euler_step(k, state, v, schedule, targets)
         z = torch.stack([torch.randn(state.shape[0] // n, state.shape[1], generator=gen) for gen in gens]).to(device)
         x_next, _, log_prob, _ = sde_step_with_logprob(
-            _per_sample(state, n), _per_sample(v, n), schedule.sigmas[:, k], schedule.sigmas[:, k + 1],
-            msgrpo_cfg.noise_level, msgrpo_cfg.kind, noise=z,
+            _per_sample(state, n),
+            _per_sample(v, n),
+            schedule.sigmas[:, k],
+            schedule.sigmas[:, k + 1],
+            msgrpo_cfg.noise_level,
+            msgrpo_cfg.kind,
+            noise=z,
         )
         log_probs[k] = log_prob
         return x_next.reshape(state.shape).float()
 
     state = pack_latents([[x] for x in noise], patch_size=p).tokens.float()
     states = [state]
-    state = denoise(_model_fn(engine, prompts), batch, schedule, state, msgrpo_cfg.cfg_scale, step_fn,
-                    callback=lambda k, x: states.append(x), dtype=dtype)
+    state = denoise(
+        _model_fn(engine, prompts),
+        batch,
+        schedule,
+        state,
+        msgrpo_cfg.cfg_scale,
+        step_fn,
+        callback=lambda k, x: states.append(x),
+        dtype=dtype,
+    )
 
     latents = torch.stack([sample[0] for sample in unpack_latents(state.to(dtype), batch.targets)])
     images_out = ((pipe.decode_latents(latents).float() + 1) / 2).clamp(0, 1)
@@ -249,8 +284,9 @@ def score_rollout(ro: Rollout, reward: RewardFn, msgrpo_cfg) -> dict:
     if rewards.ndim == 1:
         rewards = rewards[:, None]
     if rewards.ndim != 2 or rewards.shape[0] != len(ro.tasks):
-        raise ValueError(f"msgrpo.reward returned shape {tuple(rewards.shape)}; it must return (N, S) for "
-                         f"N = {len(ro.tasks)}")
+        raise ValueError(
+            f"msgrpo.reward returned shape {tuple(rewards.shape)}; it must return (N, S) for N = {len(ro.tasks)}"
+        )
     weights = msgrpo_cfg.reward_weights
     if weights is not None and len(weights) != rewards.shape[1]:
         raise ValueError(f"msgrpo.reward_weights has {len(weights)} entries for {rewards.shape[1]} reward sources")
@@ -258,8 +294,14 @@ def score_rollout(ro: Rollout, reward: RewardFn, msgrpo_cfg) -> dict:
         bad = (~torch.isfinite(rewards)).any(1).nonzero().flatten().tolist()
         where = f"for rollout {bad[0]} (task: {ro.tasks[bad[0]].prompt!r})" if bad else "on another rank"
         raise FloatingPointError(f"non-finite reward {where}; the run stops here, the last checkpoint is intact")
-    adv, stats = group_advantages(rewards, ro.group_ids.cpu(), weights=weights, aggregate=msgrpo_cfg.aggregate,
-                                  std=msgrpo_cfg.adv_std, clip=msgrpo_cfg.adv_clip)
+    adv, stats = group_advantages(
+        rewards,
+        ro.group_ids.cpu(),
+        weights=weights,
+        aggregate=msgrpo_cfg.aggregate,
+        std=msgrpo_cfg.adv_std,
+        clip=msgrpo_cfg.adv_clip,
+    )
     ro.rewards, ro.advantages = rewards, adv
     names = reward.names or tuple(f"source{i}" for i in range(rewards.shape[1]))
     out = {f"reward/{name}": float(m) for name, m in zip(names, stats["source_mean"])}
@@ -282,8 +324,16 @@ def train_on_rollout(engine, ro: Rollout, msgrpo_cfg, ref_model=None, adapters_o
     starting model, or a context manager that disables LoRA adapters), needed when ``kl_beta > 0``.
     """
     n, m = len(ro.tasks), msgrpo_cfg.minibatches
-    parts = [_update(engine, ro if m == 1 else ro.subset(list(range(j * n // m, (j + 1) * n // m))), msgrpo_cfg,
-                     ref_model, adapters_off) for j in range(m)]
+    parts = [
+        _update(
+            engine,
+            ro if m == 1 else ro.subset(list(range(j * n // m, (j + 1) * n // m))),
+            msgrpo_cfg,
+            ref_model,
+            adapters_off,
+        )
+        for j in range(m)
+    ]
     ratio = torch.cat([p.pop("ratio") for p in parts])
     local = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
     local.update(ratio_mean=ratio.mean(), ratio_abs_dev_max=(ratio - 1).abs().max())
@@ -302,7 +352,12 @@ def _update(engine, ro: Rollout, msgrpo_cfg, ref_model, adapters_off) -> dict:
         state, x_next = ro.states[k], _per_sample(ro.states[k + 1], n)
         v = ro.batch.velocity(model_fn, state, t, msgrpo_cfg.cfg_scale)
         _, mean, _, step_std = sde_step_with_logprob(
-            _per_sample(state, n), _per_sample(v, n), s, s_next, msgrpo_cfg.noise_level, msgrpo_cfg.kind,
+            _per_sample(state, n),
+            _per_sample(v, n),
+            s,
+            s_next,
+            msgrpo_cfg.noise_level,
+            msgrpo_cfg.kind,
             prev_sample=x_next,
         )
         mean_ref = None
@@ -316,11 +371,25 @@ def _update(engine, ro: Rollout, msgrpo_cfg, ref_model, adapters_off) -> dict:
                     prompts = ro.prompts.without_embeds() if ref_model.train_text_encoder else ro.prompts
                     v_ref = ro.batch.velocity(_model_fn(ref_model, prompts), state, t, msgrpo_cfg.cfg_scale)
                 _, mean_ref, _, _ = sde_step_with_logprob(
-                    _per_sample(state, n), _per_sample(v_ref, n), s, s_next, msgrpo_cfg.noise_level,
-                    msgrpo_cfg.kind, prev_sample=x_next,
+                    _per_sample(state, n),
+                    _per_sample(v_ref, n),
+                    s,
+                    s_next,
+                    msgrpo_cfg.noise_level,
+                    msgrpo_cfg.kind,
+                    prev_sample=x_next,
                 )
-        loss, st = flow_grpo_loss(x_next, mean, ro.log_probs[k], adv, step_std, msgrpo_cfg.clip_range,
-                                  mean_ref=mean_ref, beta=msgrpo_cfg.kl_beta, kind=msgrpo_cfg.kind)
+        loss, st = flow_grpo_loss(
+            x_next,
+            mean,
+            ro.log_probs[k],
+            adv,
+            step_std,
+            msgrpo_cfg.clip_range,
+            mean_ref=mean_ref,
+            beta=msgrpo_cfg.kl_beta,
+            kind=msgrpo_cfg.kind,
+        )
         if not all_finite(loss.detach()):
             raise FloatingPointError(
                 f"non-finite MSGRPO loss at rollout step {k}; the run stops here, the last checkpoint is intact"

@@ -22,8 +22,16 @@ __all__ = ["LOCK_FILE", "RUN_ENTRIES", "RunFolderError", "RunLock", "prepare_out
 
 LOCK_FILE = ".lock"
 # what a run writes into its folder (the trainer, checkpoint.py and metrics.py); --overwrite removes these only
-RUN_ENTRIES = ("config.json", "deepspeed_config.json", "metrics.jsonl", "metrics.jsonl.tmp", "curves.png",
-               "checkpoints", "final", ".final.tmp")
+RUN_ENTRIES = (
+    "config.json",
+    "deepspeed_config.json",
+    "metrics.jsonl",
+    "metrics.jsonl.tmp",
+    "curves.png",
+    "checkpoints",
+    "final",
+    ".final.tmp",
+)
 
 
 class RunFolderError(RuntimeError):
@@ -54,15 +62,18 @@ class RunLock:
                 "another --output"
             ) from None
         previous = os.pread(fd, 4096, 0)
-        record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+        record = json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        ).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, record + b"\n", 0)
         os.fsync(fd)
         self._fd = fd
         if previous.strip():
-            return (f"--output {self.path.parent}: taking over the lock left by a run that ended without "
-                    f"releasing it ({_describe(previous)}; that process no longer holds it)")
+            return (
+                f"--output {self.path.parent}: taking over the lock left by a run that ended without "
+                f"releasing it ({_describe(previous)}; that process no longer holds it)"
+            )
         return None
 
     def release(self) -> None:
@@ -114,8 +125,9 @@ def prepare_output(folder: str | Path, resume: str | None, overwrite: bool) -> t
     try:
         for sub in ("checkpoints", "final"):
             if (folder / sub).exists() and not (folder / sub).is_dir():
-                raise RunFolderError(f"--output {folder}: {sub} is a file, not a folder; move it away or pick another "
-                                     "--output")
+                raise RunFolderError(
+                    f"--output {folder}: {sub} is a file, not a folder; move it away or pick another --output"
+                )
         held = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
         if held and resume is None and not overwrite:
             raise RunFolderError(

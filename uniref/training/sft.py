@@ -67,8 +67,9 @@ def sft_loss(engine, pipe, batch: MicroBatch, sft_cfg, seed: int, step: int) -> 
     if sft_cfg.change_weight > 0:
         maps = [
             # a sample without references (text to image) has nothing to compare against: weight 1
-            change_weights(it.target, it.references[0] if it.references else it.target, tuple(z.shape[1:]),
-                           sft_cfg.change_weight).expand_as(z)
+            change_weights(
+                it.target, it.references[0] if it.references else it.target, tuple(z.shape[1:]), sft_cfg.change_weight
+            ).expand_as(z)
             for it, z in zip(batch.items, x0)
         ]
         # packed like the velocity, so every element of err gets its own cell's weight

@@ -99,8 +99,9 @@ class VaeTask:
         x, cursor = vae_images(make_dataset(cfg.data, cfg.seed), state["cursor"], per * gas * world, cfg.data.size)
         sums = torch.zeros(3, dtype=torch.float64)
         for position in range(rank, gas * world, world):
-            loss, st = vae_loss(engine, x[position * per:(position + 1) * per].to(device), cfg.seed, step, position,
-                                cfg.vae.kl_weight)
+            loss, st = vae_loss(
+                engine, x[position * per : (position + 1) * per].to(device), cfg.seed, step, position, cfg.vae.kl_weight
+            )
             if not all_finite(loss.detach()):
                 raise FloatingPointError(
                     f"non-finite VAE loss at step {step}; the run stops here and the last checkpoint is intact: "
@@ -155,12 +156,21 @@ class _PipelineTask:
         final = out / "final"
         params = list(engine.module.parameters())
         # ZeRO-3 holds each parameter in shards: gather them (all ranks) before rank 0 writes the whole model
-        gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-                  if self.cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext())
+        gather = (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            if self.cfg.deepspeed.zero_stage == 3
+            else contextlib.nullcontext()
+        )
         with gather:
             if rank == 0:
-                _save_atomically(_Export(merged_pipeline(self.pipe, engine.module, self.export_budget()),
-                                         engine.module.transformer, self.cfg.model.lora), final)
+                _save_atomically(
+                    _Export(
+                        merged_pipeline(self.pipe, engine.module, self.export_budget()),
+                        engine.module.transformer,
+                        self.cfg.model.lora,
+                    ),
+                    final,
+                )
         return final
 
 
@@ -211,11 +221,19 @@ class SftTask(_PipelineTask):
         skipped: list[dict] = []
         skip = None
         if cfg.data.on_bad_row == "skip":
+
             def skip(i, exc):
                 skipped.append({"step": step, "row": i, "reason": str(exc)})
+
         batches, cursor = plan_micro_batches(
-            dataset, state["cursor"], gas * world, budget, cfg.sft.budget_mode, cfg.sft.token_budget,
-            multiple=pipe.vae_scale_factor * pipe.patch_size, skip=skip,
+            dataset,
+            state["cursor"],
+            gas * world,
+            budget,
+            cfg.sft.budget_mode,
+            cfg.sft.token_budget,
+            multiple=pipe.vae_scale_factor * pipe.patch_size,
+            skip=skip,
         )
         if skipped and rank == 0:  # every rank plans the same global list: one of them records it
             with open(Path(cfg.output) / "skipped_rows.jsonl", "a") as f:
@@ -238,8 +256,13 @@ class SftTask(_PipelineTask):
         local = torch.tensor([float(torch.stack(losses).mean()), tokens, samples], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(local)
-        return {"loss": float(local[0]) / world, "tokens": int(local[1]), "samples": int(local[2]),
-                "stage": stage, "pixel_budget": budget}
+        return {
+            "loss": float(local[0]) / world,
+            "tokens": int(local[1]),
+            "samples": int(local[2]),
+            "stage": stage,
+            "pixel_budget": budget,
+        }
 
     def export_budget(self) -> int | None:
         return self.cfg.sft.stages[-1].pixel_budget if self.cfg.sft.budget_mode == "global" else None

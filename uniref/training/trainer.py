@@ -58,8 +58,14 @@ def _skip_shm_comm_op(deepspeed) -> None:
 def setup_distributed() -> tuple[int, int, torch.device]:
     """Joins (or, under plain ``python``, creates) the process group: gloo on CPU, nccl on GPUs."""
     if "RANK" not in os.environ:  # plain `python training/run.py`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -139,8 +145,11 @@ def _open_run(cfg: TrainConfig, resume: str | None, overwrite: bool, rank: int):
                 check_resumable(checkpoint, cfg.to_dict(), cfg.total_steps)
             elif resume == "auto":
                 notes.append(f"--resume auto: no complete checkpoint in {cfg.output}; starting at step 0")
-            outcome = {"checkpoint": str(checkpoint) if checkpoint else None, "notes": notes,
-                       "tag": f"{os.getpid()}-{time.time_ns()}"}
+            outcome = {
+                "checkpoint": str(checkpoint) if checkpoint else None,
+                "notes": notes,
+                "tag": f"{os.getpid()}-{time.time_ns()}",
+            }
         except Exception as exc:  # whatever it is, the other ranks must hear of it rather than wait
             if lock is not None:
                 lock.release()
@@ -172,8 +181,17 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
             lock.release()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, device, gas: int, ds_config: dict, checkpoint: Path | None,
-           tag: str, notes: list[str]) -> Path:
+def _train(
+    cfg: TrainConfig,
+    rank: int,
+    world: int,
+    device,
+    gas: int,
+    ds_config: dict,
+    checkpoint: Path | None,
+    tag: str,
+    notes: list[str],
+) -> Path:
     import deepspeed
 
     out = Path(cfg.output)
@@ -185,10 +203,14 @@ def _train(cfg: TrainConfig, rank: int, world: int, device, gas: int, ds_config:
     o = cfg.optim
     optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     updates = cfg.total_steps * task.updates_per_step  # the schedule counts optimizer steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  lr_lambda(updates, o.warmup_steps, o.schedule, o.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(updates, o.warmup_steps, o.schedule, o.min_lr_ratio)
+    )
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config,
         model_parameters=trainable,
     )
 
@@ -216,7 +238,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device, gas: int, ds_config:
         metrics = task.step(engine, state, rank, world, gas, device)
         grad_norm = engine.get_global_grad_norm()
         metrics.update(
-            step=state["step"] + 1, lr=lr,
+            step=state["step"] + 1,
+            lr=lr,
             grad_norm=float(grad_norm) if grad_norm is not None else None,
             seconds=time.perf_counter() - t0,
         )
@@ -229,8 +252,16 @@ def _train(cfg: TrainConfig, rank: int, world: int, device, gas: int, ds_config:
             bar.update(1)
             bar.set_postfix({task.progress_key: f"{metrics[task.progress_key]:.4f}"})
         if state["step"] % cfg.checkpoint.every == 0 or state["step"] == total:
-            save_checkpoint(engine, out, state["step"], state, cfg.checkpoint.keep_last, exclude_frozen=lora,
-                            config=cfg.to_dict(), tmp_tag=tag)
+            save_checkpoint(
+                engine,
+                out,
+                state["step"],
+                state,
+                cfg.checkpoint.keep_last,
+                exclude_frozen=lora,
+                config=cfg.to_dict(),
+                tmp_tag=tag,
+            )
     if bar is not None:
         bar.close()
     task.export(engine, out, rank)

@@ -24,9 +24,13 @@ def build_vae(vae_cfg, seed: int):
     torch.manual_seed(seed)
     blocks = len(vae_cfg.block_out_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=tuple(vae_cfg.block_out_channels),
-        layers_per_block=vae_cfg.layers_per_block, latent_channels=vae_cfg.latent_channels,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=tuple(vae_cfg.block_out_channels),
+        layers_per_block=vae_cfg.layers_per_block,
+        latent_channels=vae_cfg.latent_channels,
         norm_num_groups=vae_cfg.norm_num_groups,
     )
 
