@@ -241,3 +241,8 @@ def test_choice_aliases_match_their_implementations():
     assert BudgetMode is packing.BudgetMode  # one list of choices, owned by the module that implements them
     for mode in typing.get_args(BudgetMode):
         assert packing.plan_reference_sizes([(64, 32)], 4096, mode=mode)
+    from uniref import grpo
+    from uniref.training import config, msgrpo
+
+    assert (config.SdeKind, config.Aggregate, config.AdvStd) == (grpo.SdeKind, grpo.Aggregate, grpo.AdvStd)
+    assert config.PhaseData is msgrpo.PhaseData

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -28,9 +29,10 @@ _ops = torch.ops.uniref
 
 __all__ = ["flow_grpo_loss", "group_advantages", "sde_step_with_logprob"]
 
-_KINDS = ("sde", "cps")
-_AGGREGATES = ("sum_then_normalize", "normalize_then_sum")
-_STDS = ("group", "batch")
+SdeKind = Literal["sde", "cps"]  # Flow-GRPO's SDE, or coefficients-preserving sampling
+Aggregate = Literal["sum_then_normalize", "normalize_then_sum"]  # how reward sources become one advantage
+AdvStd = Literal["group", "batch"]  # whose std normalizes the advantages
+_KINDS, _AGGREGATES, _STDS = SdeKind.__args__, Aggregate.__args__, AdvStd.__args__
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from uniref.grpo import AdvStd, Aggregate, SdeKind
 from uniref.packing import BudgetMode
+from uniref.training.msgrpo import PhaseData
 from uniref.training.schedule import Schedule
 from uniref.training.tasks import TaskName
 
@@ -61,14 +63,9 @@ class ConfigError(ValueError):
     """A training configuration that cannot run; the message lists every problem found."""
 
 
-# Choices whose implementation lives outside this package's config: the SDE kinds of
-# `uniref.sde_step_with_logprob`, the reward aggregation and advantage normalization of
-# `uniref.group_advantages`, MSGRPO's phase data (`training/msgrpo.py`) and DeepSpeed's ZeRO stages. The
-# reference-budget modes are `uniref.packing`'s, the task names and LR schedules `tasks.py`'s and `schedule.py`'s.
-SdeKind = Literal["sde", "cps"]
-Aggregate = Literal["sum_then_normalize", "normalize_then_sum"]
-AdvStd = Literal["group", "batch"]
-PhaseData = Literal["compose", "edit", "mixed"]
+# Choices are owned by the modules that implement them (the reference-budget modes by `uniref.packing`, the
+# SDE kinds and advantage settings by `uniref.grpo`, the phase data by `msgrpo.py`, the task names and LR
+# schedules by `tasks.py` and `schedule.py`); those of DeepSpeed's and of this config's own keys are here.
 ZeroStage = Literal[0, 1, 2, 3]
 Offload = Literal["none", "cpu"]
 BadRow = Literal["error", "skip"]

@@ -19,6 +19,7 @@ import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -42,6 +43,9 @@ __all__ = [
     "train_on_rollout",
     "window",
 ]
+
+
+PhaseData = Literal["compose", "edit", "mixed"]  # a phase's synthetic tasks: compositions, edits or a mix
 
 
 @dataclass
