@@ -18,7 +18,7 @@ HEAVY = ("diffusers", "transformers", "deepspeed")
 
 
 def test_every_module_of_the_package_is_a_command():
-    assert command_names() == ["demo", "edit", "eval", "info", "plan", "train"]
+    assert command_names() == ["data", "demo", "edit", "eval", "info", "lora", "plan", "train"]
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert sorted(sub.choices) == command_names()
 

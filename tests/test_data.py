@@ -218,3 +218,18 @@ def test_check_reports_the_summary_and_every_bad_row(tmp_path, rows):
     assert max(self_tokens) <= 16384 // 64 + 64 // 8 * 64 // 8  # SELF: the budget bounds the references
     assert sum(per_image) > sum(self_tokens)
     assert not check_dataset(f"diffsynth:{meta}", require_target=False).bad[3:]
+
+
+def test_data_check_command(tmp_path, rows):
+    import subprocess
+    import sys
+
+    spec = write_diffsynth(tmp_path, rows, "jsonl")
+    cmd = [sys.executable, "-m", "uniref.cli", "data", "check", spec, "--pixel-budget", "4096", "--multiple", "8"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and f"{N} rows, {N} readable, 0 bad" in ok.stdout and "at 4096 px (global)" in ok.stdout
+    (tmp_path / "meta.jsonl").write_text((tmp_path / "meta.jsonl").read_text() + '{"image": "x.png", "prompt": "p"}\n')
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "bad row 5:" in bad.stdout and "x.png: no such file" in bad.stdout
+    missing = subprocess.run(cmd[:5] + ["diffsynth:nope.jsonl"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and missing.stderr.startswith("uniref data check: ")

@@ -173,3 +173,26 @@ def test_diffusers_pipeline_loads_our_lora_to_the_same_latents(tmp_path):
         **common,
     ).images[0]
     assert (uniref.pack_latents([[without]]).tokens - expected).abs().max() > 1e-3  # the LoRA changed the output
+
+
+def test_lora_convert_command(model, tmp_path):
+    import subprocess
+    import sys
+
+    write_lora(random_lora(model), tmp_path / "k", "kohya")
+    cmd = [sys.executable, "-m", "uniref.cli", "lora", "convert"]
+    done = subprocess.run(
+        cmd + [str(tmp_path / "k"), str(tmp_path / "d"), "--to", "diffusers"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and (tmp_path / "d" / "pytorch_lora_weights.safetensors").is_file()
+    assert read_lora(tmp_path / "d")[1] == "diffusers"
+    bad = subprocess.run(
+        cmd + [str(tmp_path / "none"), str(tmp_path / "x"), "--to", "kohya"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("uniref lora convert: ") and "Traceback" not in bad.stderr
