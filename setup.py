@@ -98,8 +98,9 @@ setup(
     extras_require={
         "train": ["deepspeed", "peft", "pyyaml", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers",
-                 "deepspeed", "peft", "pyyaml", "matplotlib"],
+                 "deepspeed", "peft", "pyyaml", "matplotlib", "httpx"],
         "qwen": ["transformers"],
+        "judge": ["httpx"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["uniref=uniref.cli:main"]},
