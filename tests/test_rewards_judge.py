@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import uniref.rewards as rewards
+from uniref import rewards
 from uniref.rewards.prompts import JudgeReplyError, parse_score, yes_probability
 from uniref.testing.judge_server import JudgeServer, expected_score
 

@@ -25,10 +25,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from uniref.rewards.prompts import TEMPLATES, YESNO_TEMPLATES, JudgeReplyError, parse_score, yes_probability
+from uniref.rewards.prompts import (
+    TEMPLATES,
+    YESNO_TEMPLATES,
+    JudgeReplyError,
+    parse_score,
+    yes_probability,
+)
 from uniref.rewards.records import Record, check_images, image_hash, png_bytes, to_pil
 
-__all__ = ["AXES", "JudgeError", "Query", "VLMJudge", "JudgeBase"]
+__all__ = ["AXES", "JudgeBase", "JudgeError", "Query", "VLMJudge"]
 
 AXES = ("instruction", "consistency", "quality")
 _NAMES = {"instruction": ("instruction",), "consistency": ("consistency_mean", "consistency_min"),

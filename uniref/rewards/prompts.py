@@ -73,7 +73,7 @@ class JudgeReplyError(ValueError):
     """A reply that is not a valid judgement (not JSON, no score, a score outside 0-10)."""
 
 
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S | re.I)
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 def parse_score(text: str) -> float:

@@ -19,6 +19,7 @@ import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 __all__ = ["JudgeServer", "expected_score"]
 
@@ -96,7 +97,7 @@ class JudgeServer:
     def url(self, mode: str = "ok") -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}/{mode}/v1"
 
-    def __enter__(self) -> JudgeServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
