@@ -62,3 +62,88 @@ def test_local_judge_score_mode_garbage_is_an_error(qwen_folder):
 def test_local_judge_needs_a_folder():
     with pytest.raises(ValueError, match="path"):
         rewards.load("vlm_judge_local")
+
+
+def _siglip_folder(folder):
+    import transformers as T
+
+    cfg = T.SiglipConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=100, bos_token_id=None, eos_token_id=None),
+        vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8))
+    torch.manual_seed(0)
+    T.SiglipModel(cfg).save_pretrained(folder)
+    T.SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+def _dinov2_folder(folder):
+    import transformers as T
+
+    torch.manual_seed(0)
+    T.Dinov2Model(T.Dinov2Config(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=32, patch_size=8)).save_pretrained(folder)
+    T.BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module", params=["siglip", "dinov2"])
+def embedder(request, tmp_path_factory):
+    build = _siglip_folder if request.param == "siglip" else _dinov2_folder
+    return build(tmp_path_factory.mktemp(request.param))
+
+
+def test_similarity_shapes_batching_determinism(embedder):
+    records, images = _batch(n=3, refs=3, size=32)
+    records[1].references = records[1].references[:1]  # reference counts may differ per record
+    a = rewards.load("similarity", path=embedder, batch_size=1)
+    assert a.names == ("similarity_mean", "similarity_min")
+    out = a(records, images)
+    assert out.shape == (3, 2) and (out[:, 0] >= out[:, 1] - 1e-6).all() and (out.abs() <= 1 + 1e-5).all()
+    b = rewards.load("similarity", path=embedder, batch_size=16)(records, images)
+    torch.testing.assert_close(out, b, atol=1e-5, rtol=0)
+    assert torch.equal(a(records, images), out)
+
+
+def test_similarity_of_an_output_to_itself_is_one(embedder):
+    size = 32
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, size, size, generator=g)
+    from uniref.rewards.records import to_pil
+
+    records = [rewards.Record("keep it", [to_pil(images[i], "x")]) for i in range(2)]
+    out = rewards.load("similarity", path=embedder)(records, images)
+    torch.testing.assert_close(out, torch.ones(2, 2), atol=1e-4, rtol=0)
+
+
+def test_similarity_margin_is_dyrefs(embedder):
+    from uniref.rewards.similarity import margin
+
+    records, images = _batch(n=2, refs=4, size=32)
+    raw = rewards.load("similarity", path=embedder)
+    sq = rewards.load("similarity", path=embedder, use_margin=True)
+    sims = (raw.embed([rewards.records.to_pil(images[0], "x")] * 4) * raw.embed(records[0].references)).sum(-1)
+    k = 10 + 3 * (4 - 2)
+    expected = torch.sigmoid(k * (sims - 0.65))
+    out = sq(records, images)
+    torch.testing.assert_close(out[0], torch.stack([expected.mean(), expected.min()]), atol=1e-5, rtol=0)
+    assert float(margin(torch.tensor(0.65), 7)) == 0.5
+    assert float(margin(torch.tensor(0.75), 2)) == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
+
+
+def test_similarity_on_a_crop(embedder):
+    records, images = _batch(n=1, refs=2, size=32)
+    src = rewards.load("similarity", path=embedder)
+    whole = src(records, images)
+    records[0].metadata["crop"] = (0, 0, 16, 16)
+    cropped = src(records, images)
+    crop = rewards.records.to_pil(images[0], "x").crop((0, 0, 16, 16))
+    sims = (src.embed([crop, crop]) * src.embed(records[0].references)).sum(-1)
+    torch.testing.assert_close(cropped[0], torch.stack([sims.mean(), sims.min()]), atol=1e-5, rtol=0)
+    assert not torch.equal(whole, cropped)
+    records[0].metadata["crop"] = [(0, 0, 16, 16), (16, 16, 32, 32)]  # one box per reference
+    assert src(records, images).shape == (1, 2)
+    records[0].metadata["crop"] = (0, 0, 64, 16)
+    with pytest.raises(ValueError, match=r"records\[0\].metadata\['crop'\] box .* not inside the 32x32 output"):
+        src(records, images)
