@@ -68,10 +68,10 @@ def _siglip_folder(folder):
     import transformers as T
 
     cfg = T.SiglipConfig(
-        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=100, bos_token_id=None, eos_token_id=None),
-        vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8))
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "vocab_size": 100, "bos_token_id": None, "eos_token_id": None},
+        vision_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8})
     torch.manual_seed(0)
     T.SiglipModel(cfg).save_pretrained(folder)
     T.SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)

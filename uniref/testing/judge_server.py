@@ -35,6 +35,10 @@ def expected_score(body: dict) -> int:
     return _digest(body) % 11
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default backlog of 5 resets connections when many requests arrive at once
+
+
 class JudgeServer:
     """``with JudgeServer() as server: server.url("ok")`` -> a base URL; ``server.requests`` counts them."""
 
@@ -90,7 +94,7 @@ class JudgeServer:
                        "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": "stop"}]}
                 return self._send(200, json.dumps(out))
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
