@@ -156,16 +156,16 @@ class _DiskCache:
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.json"
 
-    def get(self, key: str) -> float | None:
+    def get(self, key: str):
         path = self._path(key)
         if not path.exists():
             return None
         try:
-            return float(json.loads(path.read_text())["value"])
+            return json.loads(path.read_text())["value"]
         except (OSError, ValueError, KeyError, TypeError):
             return None  # a damaged entry is asked again and rewritten
 
-    def put(self, key: str, value: float, reply: str) -> None:
+    def put(self, key: str, value, reply: str) -> None:
         path = self._path(key)
         path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -226,9 +226,9 @@ class VLMJudge(JudgeBase):
         self.cache = _DiskCache(cache_dir) if cache_dir is not None else None
         self.requests_sent = 0  # HTTP requests made, retries included
 
-    def cache_key(self, query: Query) -> str:
-        """sha256 over (judge model, mode, filled prompt, image hashes)."""
-        parts = [self.model, self.mode, query.text, *[image_hash(im) for im in query.images]]
+    def cache_key(self, query: Query, parser: str = "") -> str:
+        """sha256 over (judge model, mode, reply parser, filled prompt, image hashes)."""
+        parts = [self.model, self.mode, parser, query.text, *[image_hash(im) for im in query.images]]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def payload(self, query: Query) -> dict:
@@ -258,7 +258,7 @@ class VLMJudge(JudgeBase):
             raise JudgeReplyError(f"expected Yes or No, got {text!r}")
         return 1.0 if word == "yes" else 0.0
 
-    async def _ask(self, client, sem: asyncio.Semaphore, query: Query) -> float:
+    async def _ask(self, client, sem: asyncio.Semaphore, query: Query, parse, parser: str):
         import httpx
 
         body = self.payload(query)
@@ -287,21 +287,42 @@ class VLMJudge(JudgeBase):
                 last = f"the response body is not JSON: {resp.text[:500]!r}"
                 continue
             try:
-                value = self.value(reply)
+                value = parse(reply)
             except JudgeReplyError as e:
                 last = f"{e} (body: {resp.text[:500]})"
                 continue
             if self.cache is not None:
-                self.cache.put(self.cache_key(query), value, resp.text[:2000])
+                self.cache.put(self.cache_key(query, parser), value, resp.text[:2000])
             return value
         raise JudgeError(f"vlm_judge: {self.url} (model {self.model!r}) gave no valid judgement after "
                          f"{attempt + 1} attempt(s); last reply: {last}")
 
     def score_queries(self, queries: list[Query]) -> list[float]:
-        values: list[float | None] = [None] * len(queries)
+        return [float(v) for v in self._gather(queries, self.value, "")]
+
+    def ask(self, queries: list[Query], parse) -> list:
+        """Each question's parsed reply text, with this judge's concurrency, retries, timeout and cache.
+
+        Args:
+            queries: the questions.
+            parse: ``str -> JSON-serializable value``; raises `JudgeReplyError` on a reply it cannot read
+                (the question is then asked again, up to the retries). Its qualified name is part of the
+                cache key.
+        """
+        def from_reply(reply: dict):
+            try:
+                text = reply["choices"][0]["message"]["content"]
+            except (KeyError, IndexError, TypeError):
+                raise JudgeReplyError("the reply has no choices[0].message.content") from None
+            return parse(text)
+
+        return self._gather(queries, from_reply, f"{parse.__module__}.{parse.__qualname__}")
+
+    def _gather(self, queries: list[Query], parse, parser: str) -> list:
+        values: list = [None] * len(queries)
         todo = []
         for i, q in enumerate(queries):
-            hit = self.cache.get(self.cache_key(q)) if self.cache is not None else None
+            hit = self.cache.get(self.cache_key(q, parser)) if self.cache is not None else None
             if hit is None:
                 todo.append(i)
             else:
@@ -313,7 +334,7 @@ class VLMJudge(JudgeBase):
                 sem = asyncio.Semaphore(self.max_concurrency)
                 limits = httpx.Limits(max_connections=self.max_concurrency)
                 async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
-                    tasks = [asyncio.ensure_future(self._ask(client, sem, queries[i])) for i in todo]
+                    tasks = [asyncio.ensure_future(self._ask(client, sem, queries[i], parse, parser)) for i in todo]
                     try:
                         return await asyncio.gather(*tasks)
                     finally:  # the first failure stops the step; the rest are not left running

@@ -65,18 +65,26 @@ class LocalVLMJudge(JudgeBase):
 
     @torch.inference_mode()
     def _batch(self, queries: list[Query]) -> list[float]:
+        if self.mode == "score":
+            return self.ask(queries, lambda text: parse_score(text) / 10.0)
         inputs = self._inputs(queries)
-        if self.mode == "yesno":
-            logits = self.model(**inputs).logits[:, -1, self._yes_no].float()
-            return logits.softmax(-1)[:, 0].tolist()
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        replies = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        logits = self.model(**inputs).logits[:, -1, self._yes_no].float()
+        return logits.softmax(-1)[:, 0].tolist()
+
+    @torch.inference_mode()
+    def ask(self, queries: list[Query], parse) -> list:
+        """Each question's generated reply (greedy, ``max_new_tokens``) read by ``parse: str -> value``; a
+        reply it cannot read (`JudgeReplyError`) is an error naming this judge and the reply."""
         values = []
-        for reply in replies:
-            try:
-                values.append(parse_score(reply) / 10.0)
-            except JudgeReplyError as e:
-                raise JudgeError(f"vlm_judge_local: {self.judge_id} gave no valid judgement ({e})") from None
+        for i in range(0, len(queries), self.batch_size):
+            inputs = self._inputs(queries[i:i + self.batch_size])
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+            for reply in self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True):
+                try:
+                    values.append(parse(reply))
+                except JudgeReplyError as e:
+                    raise JudgeError(f"vlm_judge_local: {self.judge_id} gave no valid judgement ({e}); "
+                                     f"reply: {reply[:300]!r}") from None
         return values
 
     def score_queries(self, queries: list[Query]) -> list[float]:

@@ -15,7 +15,7 @@ import json
 import math
 import re
 
-__all__ = ["TEMPLATES", "YESNO_TEMPLATES", "JudgeReplyError", "parse_score", "yes_probability"]
+__all__ = ["TEMPLATES", "YESNO_TEMPLATES", "JudgeReplyError", "parse_score", "parse_scores", "yes_probability"]
 
 _CONTEXT = (
     "You are a professional digital artist. You will evaluate AI-generated images by the rules below. "
@@ -77,11 +77,16 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 def parse_score(text: str) -> float:
-    """The score of a VIEScore-style reply, in [0, 10].
+    """The score of a VIEScore-style reply, in [0, 10]: `parse_scores` reduced to its minimum, as VIEScore
+    reduces its sub-scores."""
+    return min(parse_scores(text))
 
-    Accepts ``{"score": x, ...}`` or ``{"score": [x, y, ...], ...}``, bare or fenced in ```json; a list is
-    reduced to its minimum, as VIEScore does. Raises `JudgeReplyError` on anything else, including a score
-    outside 0-10.
+
+def parse_scores(text: str) -> list[float]:
+    """The scores of a VIEScore-style reply, each in [0, 10].
+
+    Accepts ``{"score": x, ...}`` or ``{"score": [x, y, ...], ...}``, bare or fenced in ```json. Raises
+    `JudgeReplyError` on anything else, including a score outside 0-10.
     """
     if not isinstance(text, str) or not text.strip():
         raise JudgeReplyError("empty reply")
@@ -102,7 +107,7 @@ def parse_score(text: str) -> float:
         raise JudgeReplyError(f'"score" must be a number or a list of numbers, got {raw!r}')
     if not all(math.isfinite(s) and 0 <= s <= 10 for s in scores):
         raise JudgeReplyError(f'"score" must lie in 0-10, got {raw!r}')
-    return float(min(scores))
+    return [float(x) for x in scores]
 
 
 def yes_probability(top_logprobs: list[dict]) -> float:
