@@ -2,8 +2,9 @@
 
 The URL path picks its behaviour: ``http://127.0.0.1:PORT/<mode>/v1/chat/completions`` with mode
 
-* ``ok``: a VIEScore reply whose score (0-10, an integer) is derived from a hash of the request's text and
-  images, so it is deterministic; every other reply is fenced in ```json;
+* ``ok``: a VIEScore reply ``{"score": [s, 10]}`` whose s (0-10, an integer) is derived from a hash of the
+  request's text and images, so it is deterministic; every other reply is fenced in ```json; a prompt
+  that asks for ``Axis: <A number from 1 to 10>`` lines gets such lines instead;
 * ``yesno``: ``logprobs`` with "Yes"/"No" top log-probabilities derived the same way;
 * ``fail``: HTTP 500 every time; ``flaky``: 500 for the first two requests, then ``ok``;
 * ``slow``: answers after ``slow_s`` seconds; ``malformed``: a reply whose JSON is cut short; ``notjson``: a
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,6 +91,11 @@ class JudgeServer:
                     reply = json.dumps({"score": [score, 10], "reasoning": "deterministic test judge"})
                     if mode == "malformed":
                         reply = reply[:12] + "}"
+                    text = body["messages"][0]["content"][-1].get("text", "")
+                    axes = re.findall(r"^([A-Za-z -]+): <A number from 1 to 10>", text, re.MULTILINE)
+                    if axes:  # a rubric that asks for "Axis: n" lines (MultiBanana's format)
+                        reply = "Reasoning: fine.\n" + "".join(
+                            f"{a}: {1 + (expected_score(body) + i) % 10}.\n" for i, a in enumerate(axes))
                     message["content"] = f"```json\n{reply}\n```" if n % 2 else reply
                 out = {"id": f"cmpl-{n}", "object": "chat.completion", "model": body.get("model"),
                        "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": "stop"}]}
