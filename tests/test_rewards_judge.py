@@ -166,3 +166,15 @@ def test_synthetic_source_and_task_adapter():
     assert torch.equal(src([task], image), score_batch([task], image))
     rec = rewards.as_record(task)
     assert rec.prompt == task.prompt and len(rec.references) == len(task.images)
+
+
+def test_filter_groups_drops_saturated_groups_only():
+    from uniref.rewards import filter_groups
+
+    rewards_ = torch.tensor([0.95, 0.96, 0.2, 0.9, 0.95, 0.95, 0.1, 0.1])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    keep, dropped = filter_groups(rewards_, groups)
+    # group 0: std 0.005, mean 0.955 -> dropped; 1: std 0.35; 2: std 0, mean 0.95 -> dropped; 3: low mean
+    assert keep.tolist() == [False, False, True, True, False, False, True, True] and dropped == 0.5
+    with pytest.raises(ValueError, match="group_ids"):
+        filter_groups(rewards_, groups[:3])

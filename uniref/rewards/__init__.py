@@ -23,11 +23,13 @@ from collections.abc import Sequence
 
 import torch
 
+from uniref.rewards.groups import filter_groups
 from uniref.rewards.judge import JudgeError, VLMJudge
 from uniref.rewards.prompts import JudgeReplyError
 from uniref.rewards.records import Record, as_record
 
-__all__ = ["JudgeError", "JudgeReplyError", "Record", "SyntheticReward", "as_record", "available", "load"]
+__all__ = ["JudgeError", "JudgeReplyError", "Record", "SyntheticReward", "as_record", "available", "filter_groups",
+           "load"]
 
 
 class SyntheticReward:
