@@ -178,3 +178,12 @@ def test_filter_groups_drops_saturated_groups_only():
     assert keep.tolist() == [False, False, True, True, False, False, True, True] and dropped == 0.5
     with pytest.raises(ValueError, match="group_ids"):
         filter_groups(rewards_, groups[:3])
+
+
+def test_a_wrong_request_is_not_retried(server):
+    judge = rewards.load("vlm_judge", base_url=server.url("notfound"), model="m", retries=3, backoff=0.01,
+                         axes=["quality"])
+    before = server.requests
+    with pytest.raises(rewards.JudgeError, match="HTTP 404.*does not exist"):
+        judge(*_batch(n=1))
+    assert server.requests - before == 1

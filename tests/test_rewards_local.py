@@ -147,3 +147,17 @@ def test_similarity_on_a_crop(embedder):
     records[0].metadata["crop"] = (0, 0, 64, 16)
     with pytest.raises(ValueError, match=r"records\[0\].metadata\['crop'\] box .* not inside the 32x32 output"):
         src(records, images)
+
+
+def test_benchmark_runner_with_the_local_judge_names_it_on_garbage(qwen_folder, tmp_path):
+    from uniref.rewards.benchmarks import run_benchmark
+
+    folder, processor = qwen_folder
+    (tmp_path / "data/object_2").mkdir(parents=True)
+    (tmp_path / "data/object_2/000_prompt.txt").write_text("put both on a desk")
+    for i in (1, 2):
+        Image.new("RGB", (24, 24), (90 * i, 0, 0)).save(tmp_path / f"data/object_2/000_{i}.png")
+    judge = rewards.load("vlm_judge_local", path=folder, processor=processor, max_new_tokens=4)
+    with pytest.raises(rewards.JudgeError, match=f"vlm_judge_local: {folder} gave no valid judgement"):
+        run_benchmark("multibanana", tmp_path / "data", lambda p, refs: refs[0], judge, tmp_path / "run")
+    assert (tmp_path / "run/images/object_2/000_generated.png").is_file()

@@ -6,7 +6,7 @@ The URL path picks its behaviour: ``http://127.0.0.1:PORT/<mode>/v1/chat/complet
   request's text and images, so it is deterministic; every other reply is fenced in ```json; a prompt
   that asks for ``Axis: <A number from 1 to 10>`` lines gets such lines instead;
 * ``yesno``: ``logprobs`` with "Yes"/"No" top log-probabilities derived the same way;
-* ``fail``: HTTP 500 every time; ``flaky``: 500 for the first two requests, then ``ok``;
+* ``fail``: HTTP 500 every time; ``flaky``: 500 for the first two requests, then ``ok``; ``notfound``: 404;
 * ``slow``: answers after ``slow_s`` seconds; ``malformed``: a reply whose JSON is cut short; ``notjson``: a
   response body that is not JSON; ``range``: score 12;
 * ``latency``: ``ok`` after ``latency_s`` seconds (a served judge's think time).
@@ -75,6 +75,8 @@ class JudgeServer:
                     owner.requests += 1
                     n = owner.requests
                     owner.bodies.append(body)
+                if mode == "notfound":
+                    return self._send(404, '{"error": "The model `m` does not exist."}')
                 if mode == "fail" or (mode == "flaky" and n <= 2):
                     return self._send(500, '{"error": "the judge is overloaded"}')
                 if mode == "slow":
