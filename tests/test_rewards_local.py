@@ -66,10 +66,18 @@ def test_local_judge_needs_a_folder():
 
 def _siglip_folder(folder):
     import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+    # a byte-level tokenizer (SigLIP's sentencepiece vocabulary cannot be downloaded here)
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab.update({"<pad>": 256, "</s>": 257})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    T.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>").save_pretrained(folder)
     cfg = T.SiglipConfig(
         text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "vocab_size": 100, "bos_token_id": None, "eos_token_id": None},
+                     "vocab_size": 258, "max_position_embeddings": 16, "bos_token_id": None, "eos_token_id": None},
         vision_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
                        "image_size": 32, "patch_size": 8})
     torch.manual_seed(0)
@@ -161,3 +169,19 @@ def test_benchmark_runner_with_the_local_judge_names_it_on_garbage(qwen_folder, 
     with pytest.raises(rewards.JudgeError, match=f"vlm_judge_local: {folder} gave no valid judgement"):
         run_benchmark("multibanana", tmp_path / "data", lambda p, refs: refs[0], judge, tmp_path / "run")
     assert (tmp_path / "run/images/object_2/000_generated.png").is_file()
+
+
+def test_similarity_text_alignment(embedder):
+    records, images = _batch(n=3, refs=2, size=32)
+    if "dinov2" in embedder:
+        with pytest.raises(ValueError, match="text tower"):
+            rewards.load("similarity", path=embedder, text=True)
+        return
+    src = rewards.load("similarity", path=embedder, text=True, max_text_length=16, batch_size=2)
+    assert src.names == ("similarity_mean", "similarity_min", "text_alignment")
+    out = src(records, images)
+    assert out.shape == (3, 3)
+    torch.testing.assert_close(out[:, :2], rewards.load("similarity", path=embedder)(records, images))
+    pil = [rewards.records.to_pil(im, "x") for im in images]
+    expected = (src.embed(pil) * src.embed_text([r.prompt for r in records])).sum(-1)
+    torch.testing.assert_close(out[:, 2], expected, atol=1e-5, rtol=0)

@@ -35,16 +35,17 @@ class SimilarityReward:
         use_margin: squash each similarity by `margin` (``tau``, ``k``, ``k_per_ref``).
         crop_key: the metadata key of a crop box ``(x0, y0, x1, y1)`` in output pixels, or of a list of
             boxes, one per reference; records without it are scored on the whole output.
+        text: add ``text_alignment``, the cosine similarity between the whole output and the prompt, through
+            the model's text tower (SigLIP / SigLIP2 / CLIP; the folder's tokenizer, padded to
+            ``max_text_length`` as SigLIP was trained).
 
-    Axes: ``similarity_mean`` and ``similarity_min`` over a record's references.
+    Axes: ``similarity_mean`` and ``similarity_min`` over a record's references (then ``text_alignment``).
     """
-
-    names = ("similarity_mean", "similarity_min")
 
     def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
                  batch_size: int = 32, use_margin: bool = False, tau: float = 0.65, k: float = 10.0,
-                 k_per_ref: float = 3.0, crop_key: str = "crop"):
-        from transformers import AutoImageProcessor, AutoModel
+                 k_per_ref: float = 3.0, crop_key: str = "crop", text: bool = False, max_text_length: int = 64):
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
@@ -55,6 +56,26 @@ class SimilarityReward:
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
         self.use_margin, self.tau, self.k, self.k_per_ref, self.crop_key = use_margin, tau, k, k_per_ref, crop_key
         self.judge_id = str(path)
+        self.names = ("similarity_mean", "similarity_min") + (("text_alignment",) if text else ())
+        self.tokenizer, self.max_text_length = None, max_text_length
+        if text:
+            if not hasattr(self.model, "get_text_features"):
+                raise ValueError(f"text=True needs a model with a text tower (SigLIP, CLIP); {path} has none")
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    @torch.inference_mode()
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """Unit-norm text embeddings, float32 ``(len(texts), D)`` (needs ``text=True``)."""
+        if self.tokenizer is None:
+            raise ValueError("embed_text needs the source built with text=True")
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            ids = self.tokenizer(texts[i:i + self.batch_size], padding="max_length", truncation=True,
+                                 max_length=self.max_text_length, return_tensors="pt")["input_ids"]
+            f = self.model.get_text_features(input_ids=ids.to(self.device))
+            f = f if isinstance(f, torch.Tensor) else f.pooler_output
+            out.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu())
+        return torch.cat(out)
 
     @torch.inference_mode()
     def embed(self, images: list[Image.Image]) -> torch.Tensor:
@@ -89,18 +110,20 @@ class SimilarityReward:
         return crops
 
     def __call__(self, records: Sequence, images: torch.Tensor) -> torch.Tensor:
-        """``(N, 2)`` float32: mean and min over each record's references of the (margined) similarity.
+        """``(N, 2)`` float32 (``(N, 3)`` with ``text``): mean and min over each record's references of the
+        (margined) similarity, then the output-prompt similarity.
 
         Args:
             records: N records with at least one reference each.
             images: float ``(N, 3, H, W)`` in [0, 1].
         """
         recs = check_images(records, images)
-        outs, refs, counts = [], [], []
+        outs, refs, counts, whole = [], [], [], []
         for i, (r, img) in enumerate(zip(recs, images)):
             if not r.references:
                 raise ValueError(f"records[{i}] has no references to compare with")
-            outs += self._crops(r, to_pil(img, f"images[{i}]"), i)
+            whole.append(to_pil(img, f"images[{i}]"))
+            outs += self._crops(r, whole[-1], i)
             refs += r.references
             counts.append(len(r.references))
         sims = (self.embed(outs) * self.embed(refs)).sum(-1)
@@ -109,5 +132,9 @@ class SimilarityReward:
             if self.use_margin:
                 s = margin(s, len(s), self.tau, self.k, self.k_per_ref)
             rows.append([s.mean().item(), s.min().item()])
-        return torch.tensor(rows, dtype=torch.float32)
+        result = torch.tensor(rows, dtype=torch.float32)
+        if self.tokenizer is not None:
+            align = (self.embed(whole) * self.embed_text([r.prompt for r in recs])).sum(-1, keepdim=True)
+            result = torch.cat([result, align], dim=1)
+        return result
 
