@@ -187,3 +187,24 @@ def test_a_wrong_request_is_not_retried(server):
     with pytest.raises(rewards.JudgeError, match="HTTP 404.*does not exist"):
         judge(*_batch(n=1))
     assert server.requests - before == 1
+
+
+def test_multisource_puts_sources_side_by_side_with_weights(server):
+    from uniref.synthetic import sample_task
+
+    tasks = [sample_task(i, size=32) for i in range(2)]
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    judge_args = {"base_url": server.url("ok"), "model": "m", "axes": ["quality"]}
+    multi = rewards.MultiSource([{"name": "synthetic", "weight": [1.0, 0.5, 0.5]},
+                                 {"name": "vlm_judge", "weight": 2, "args": judge_args}])
+    assert multi.names == ("synthetic/integration", "synthetic/consistency", "synthetic/quality",
+                           "vlm_judge/quality")
+    assert multi.weights == [1.0, 0.5, 0.5, 2.0]
+    out = multi(tasks, images)
+    assert out.shape == (2, 4)
+    assert torch.equal(out[:, :3], rewards.load("synthetic")(tasks, images))
+    assert torch.equal(out[:, 3:], rewards.load("vlm_judge", **judge_args)(tasks, images))
+    with pytest.raises(ValueError, match=r"rewards\[0\] \(synthetic\) has 2 weights"):
+        rewards.MultiSource([{"name": "synthetic", "weight": [1, 2]}])
+    with pytest.raises(ValueError, match=r"rewards\[0\] must be \{name, weight, args\}"):
+        rewards.MultiSource([{"source": "synthetic"}])

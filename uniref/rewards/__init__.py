@@ -28,8 +28,8 @@ from uniref.rewards.judge import JudgeError, VLMJudge
 from uniref.rewards.prompts import JudgeReplyError
 from uniref.rewards.records import Record, as_record
 
-__all__ = ["JudgeError", "JudgeReplyError", "Record", "SyntheticReward", "as_record", "available", "filter_groups",
-           "load"]
+__all__ = ["JudgeError", "JudgeReplyError", "MultiSource", "Record", "SyntheticReward", "as_record", "available",
+           "filter_groups", "load"]
 
 
 class SyntheticReward:
@@ -62,6 +62,37 @@ def _similarity(**args):
 
 _REGISTRY = {"vlm_judge": VLMJudge, "vlm_judge_local": _vlm_judge_local, "similarity": _similarity,
              "synthetic": SyntheticReward}
+
+
+class MultiSource:
+    """Several sources as one: their axes side by side, named ``<source>/<axis>``, each with a weight.
+
+    Args:
+        specs: ``[{"name": str, "weight": float or list of floats (one per axis), "args": dict}, ...]``, the
+            shape of ``msgrpo.rewards``; a single weight applies to every axis of its source.
+    """
+
+    def __init__(self, specs: Sequence[dict]):
+        if not specs:
+            raise ValueError("rewards: give at least one source, e.g. [{'name': 'synthetic'}]")
+        self.sources, names, weights = [], [], []
+        for i, spec in enumerate(specs):
+            unknown = set(spec) - {"name", "weight", "args"}
+            if "name" not in spec or unknown:
+                raise ValueError(f"rewards[{i}] must be {{name, weight, args}}, got keys {sorted(spec)}")
+            src = load(spec["name"], **(spec.get("args") or {}))
+            w = spec.get("weight", 1.0)
+            w = [float(w)] * len(src.names) if isinstance(w, (int, float)) else [float(x) for x in w]
+            if len(w) != len(src.names):
+                raise ValueError(f"rewards[{i}] ({spec['name']}) has {len(w)} weights for its axes {src.names}")
+            self.sources.append(src)
+            names += [f"{spec['name']}/{n}" for n in src.names]
+            weights += w
+        self.names, self.weights = tuple(names), weights
+
+    def __call__(self, records: Sequence, images: torch.Tensor) -> torch.Tensor:
+        """float32 ``(N, len(self.names))``: every source's columns, in order."""
+        return torch.cat([torch.as_tensor(src(records, images), dtype=torch.float32) for src in self.sources], dim=1)
 
 
 def available() -> tuple[str, ...]:
