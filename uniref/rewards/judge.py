@@ -186,8 +186,9 @@ class VLMJudge(JudgeBase):
         axes, mode: see `JudgeBase`.
         api_key_env: the name of an environment variable holding the API key (never the key itself);
             None sends no key (a local vLLM needs none).
-        max_concurrency: requests in flight at once.
-        timeout: seconds per request.
+        max_concurrency: requests in flight at once. Every question of one call (all records, all axes) is
+            issued together, so a served judge batches them as its scheduler sees fit.
+        timeout: seconds per request, from sending it to the whole reply.
         retries: further attempts after a failed one (connection error, timeout, 429/5xx, a reply that is not
             a valid judgement), waiting ``backoff * 2**attempt`` seconds before each.
         cache_dir: a folder for the disk cache (None: no cache); a question already judged by this model
@@ -225,16 +226,23 @@ class VLMJudge(JudgeBase):
         self.max_tokens, self.temperature = max_tokens, temperature
         self.cache = _DiskCache(cache_dir) if cache_dir is not None else None
         self.requests_sent = 0  # HTTP requests made, retries included
+        self._urls: dict[int, tuple[Image.Image, str]] = {}  # holds the image so its id is not reused
 
     def cache_key(self, query: Query, parser: str = "") -> str:
         """sha256 over (judge model, mode, reply parser, filled prompt, image hashes)."""
         parts = [self.model, self.mode, parser, query.text, *[image_hash(im) for im in query.images]]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
+    def _data_url(self, image: Image.Image) -> str:
+        # one output appears in several questions of a call: encode it once (the memo lives for one call)
+        key = id(image)
+        if key not in self._urls:
+            self._urls[key] = (image, "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode())
+        return self._urls[key][1]
+
     def payload(self, query: Query) -> dict:
         """The chat-completions request body: the images as base64 PNG ``image_url`` parts, then the text."""
-        content = [{"type": "image_url", "image_url": {
-            "url": "data:image/png;base64," + base64.b64encode(png_bytes(im)).decode()}} for im in query.images]
+        content = [{"type": "image_url", "image_url": {"url": self._data_url(im)}} for im in query.images]
         content.append({"type": "text", "text": query.text})
         body = {"model": self.model, "messages": [{"role": "user", "content": content}],
                 "temperature": self.temperature, "max_tokens": self.max_tokens}
@@ -269,8 +277,10 @@ class VLMJudge(JudgeBase):
             async with sem:
                 self.requests_sent += 1
                 try:
-                    resp = await client.post(self.url, json=body, headers=self.headers, timeout=self.timeout)
-                except httpx.TimeoutException:
+                    # httpx's timeout bounds each phase (connect, each read); wait_for bounds the whole request
+                    resp = await asyncio.wait_for(
+                        client.post(self.url, json=body, headers=self.headers, timeout=self.timeout), self.timeout)
+                except (TimeoutError, httpx.TimeoutException):
                     last = f"no reply within {self.timeout} s"
                     continue
                 except httpx.HTTPError as e:
@@ -341,6 +351,9 @@ class VLMJudge(JudgeBase):
                         for t in tasks:
                             t.cancel()
 
-            for i, v in zip(todo, _run(main)):
-                values[i] = v
+            try:
+                for i, v in zip(todo, _run(main)):
+                    values[i] = v
+            finally:
+                self._urls.clear()
         return values
