@@ -98,9 +98,9 @@ setup(
     extras_require={
         "train": ["deepspeed", "peft", "pyyaml", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers",
-                 "deepspeed", "peft", "pyyaml", "matplotlib", "httpx"],
+                 "deepspeed", "peft", "pyyaml", "matplotlib", "httpx", "pyarrow"],
         "qwen": ["transformers"],
-        "judge": ["httpx"],
+        "judge": ["httpx", "pyarrow"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["uniref=uniref.cli:main"]},

@@ -137,3 +137,37 @@ def test_parse_banana():
     assert parse_banana(text) == [7, 5, 4, 6, 8]
     with pytest.raises(rewards.JudgeReplyError, match="Visual Quality"):
         parse_banana(text.replace("Visual Quality: 8.", ""))
+
+
+def _png(colour):
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 16), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["gedit", "omnicontext"])
+def test_the_hugging_face_parquet_copy_with_images_in_the_cells(fmt, tmp_path, server):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+
+    def cell(colour):
+        return {"bytes": _png(colour), "path": None}
+
+    if fmt == "gedit":
+        rows = [{"key": f"g{i}", "task_type": "subject-add", "instruction": f"add a cat ({i})",
+                 "instruction_language": "en", "input_image": cell((9, 9, 9 * i)) if i < 2 else None}
+                for i in range(3)]
+    else:
+        rows = [{"key": f"k{i}", "task_type": "multiple_object", "instruction": f"both ({i})",
+                 "input_images": [cell((9 * i, 0, 0)), cell((0, 9, 0))] if i < 2 else [cell((0, 0, 9)), None]}
+                for i in range(3)]
+    (tmp_path / "data/data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data/data/train-00000-of-00001.parquet")
+    judge = rewards.load("vlm_judge", base_url=server.url("ok"), model="judge-x", retries=0)
+    summary = run_benchmark(fmt, tmp_path / "data", editor, judge, tmp_path / "run")
+    assert summary["cases"] == 3 and summary["skipped"] == 1
+    cases = json.loads((tmp_path / "run/cases.json").read_text())["case_results"]
+    assert "train-00000-of-00001.parquet row 2" in cases[2]["error"]
+    assert all(r.startswith("data/train-00000-of-00001.parquet row 0") for r in cases[0]["references"])

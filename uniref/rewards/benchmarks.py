@@ -18,13 +18,14 @@ The formats, their layouts and their scoring (sources in docs/rewards.md):
   yes/no per source) is read from ``weights/<task>.json`` in the data folder when present, else 1.0, as its
   ``eval_score.py`` defaults.
 * ``omnicontext`` -- OmniContext (VectorSpaceLab/OmniGen2, ``omnicontext/``): JSONL rows ``key``,
-  ``task_type``, ``instruction``, ``input_images`` (paths); outputs ``fullset/<task_type>/<key>.png``;
+  ``task_type``, ``instruction``, ``input_images`` (paths), or the Hugging Face parquet copy (images stored
+  in the cells); outputs ``fullset/<task_type>/<key>.png``;
   PF (prompt following) and SC (subject consistency) 0-10, overall sqrt(PF x SC), per task type.
 * ``multibanana`` -- MultiBanana (matsuolab/multibanana, ``judge.py``): ``<task>/<N>_prompt.txt`` and
   references ``<N>_<i>.<ext>`` (i from 0 or 1); outputs ``<task>/<N>_generated.png``; one question, five
   axes 1-10 read from ``Axis: n`` lines, Average = their mean, per task.
 * ``gedit`` -- GEdit-Bench (stepfun-ai/Step1X-Edit; VIEScore): JSONL rows ``key``, ``task_type``,
-  ``instruction``, ``instruction_language``, ``input_image`` (path); outputs
+  ``instruction``, ``instruction_language``, ``input_image`` (a path, or the parquet copy's image cell); outputs
   ``fullset/<task_type>/<language>/<key>.png``; SC = min(success, over-editing), PQ = min(naturalness,
   artifacts), O = sqrt(SC x PQ), per task type and language.
 
@@ -66,6 +67,7 @@ class Case:
     output: str
     target: str | None = None  # a ground-truth image the judge compares with (MICo-Bench)
     extra: dict = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict, repr=False)  # images stored in the data files
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -100,31 +102,55 @@ def _mico(root: Path) -> list[Case]:
     return cases
 
 
-def _omnicontext(root: Path) -> list[Case]:
+def _rows(root: Path, what: str) -> list[tuple[str, dict]]:
+    """``(where, row)`` of every row of the folder's ``*.jsonl`` files, or else of its ``**/*.parquet`` files
+    (the Hugging Face copy: ``huggingface-cli download --repo-type dataset ...``; needs pyarrow)."""
     files = sorted(root.glob("*.jsonl"))
+    if files:
+        return [(f"{f.name} line {n}", row) for f in files for n, row in enumerate(_jsonl(f), 1)]
+    files = sorted(root.rglob("*.parquet"))
     if not files:
-        raise ValueError(f"{root} has no *.jsonl of OmniContext rows (key, task_type, instruction, input_images)")
+        raise ValueError(f"{root} has no *.jsonl or *.parquet of {what} rows")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {files[0]} needs pyarrow: pip install 'uniref[judge]'") from None
+    return [(f"{f.relative_to(root)} row {n}", row) for f in files
+            for n, row in enumerate(pq.read_table(f).to_pylist())]
+
+
+def _image(value, root: Path, where: str, blobs: dict) -> str:
+    """A path (relative to the folder) as is, or a Hugging Face image cell ``{"bytes", "path"}`` kept in
+    `blobs` under a label naming its row."""
+    if isinstance(value, str):
+        return str(root / value)
+    if isinstance(value, dict) and value.get("bytes"):
+        label = f"{where}: {value.get('path') or 'image'} #{len(blobs)}"
+        blobs[label] = value["bytes"]
+        return label
+    return f"{where}: no image"  # a null cell: the case is skipped as missing
+
+
+def _omnicontext(root: Path) -> list[Case]:
     cases = []
-    for f in files:
-        for n, row in enumerate(_jsonl(f), 1):
-            _need(row, ("key", "task_type", "instruction", "input_images"), f"{f.name} line {n}")
-            cases.append(Case(str(row["key"]), row["task_type"], row["instruction"],
-                              [str(root / p) for p in row["input_images"]], f"fullset/{row['task_type']}/{row['key']}.png"))
+    for where, row in _rows(root, "OmniContext (key, task_type, instruction, input_images)"):
+        _need(row, ("key", "task_type", "instruction", "input_images"), where)
+        blobs = {}
+        refs = [_image(v, root, where, blobs) for v in row["input_images"] or []]
+        cases.append(Case(str(row["key"]), row["task_type"], row["instruction"], refs,
+                          f"fullset/{row['task_type']}/{row['key']}.png", blobs=blobs))
     return cases
 
 
 def _gedit(root: Path) -> list[Case]:
-    files = sorted(root.glob("*.jsonl"))
-    if not files:
-        raise ValueError(f"{root} has no *.jsonl of GEdit-Bench rows (key, task_type, instruction, "
-                         "instruction_language, input_image)")
     cases = []
-    for f in files:
-        for n, row in enumerate(_jsonl(f), 1):
-            _need(row, ("key", "task_type", "instruction", "input_image"), f"{f.name} line {n}")
-            lang = row.get("instruction_language", "en")
-            cases.append(Case(str(row["key"]), row["task_type"], row["instruction"], [str(root / row["input_image"])],
-                              f"fullset/{row['task_type']}/{lang}/{row['key']}.png", extra={"language": lang}))
+    for where, row in _rows(root, "GEdit-Bench (key, task_type, instruction, instruction_language, input_image)"):
+        _need(row, ("key", "task_type", "instruction", "input_image"), where)
+        lang, blobs = row.get("instruction_language") or "en", {}
+        cases.append(Case(str(row["key"]), row["task_type"], row["instruction"],
+                          [_image(row["input_image"], root, where, blobs)],
+                          f"fullset/{row['task_type']}/{lang}/{row['key']}.png", extra={"language": lang},
+                          blobs=blobs))
     return cases
 
 
@@ -315,6 +341,10 @@ def _grid(entries: list[tuple[list[Image.Image], Image.Image | None]], cell: int
     return grid
 
 
+def _open(ref: str, blobs: dict) -> Image.Image:
+    return Image.open(io.BytesIO(blobs[ref]) if ref in blobs else ref).convert("RGB")
+
+
 def run_benchmark(format: str, data_dir: str | os.PathLike, editor: Callable, judge, out: str | os.PathLike,
                   limit: int | None = None, grid_cases: int = 16) -> dict:
     """Runs `editor` on every case of a local benchmark copy and scores the outputs with `judge`.
@@ -350,12 +380,13 @@ def run_benchmark(format: str, data_dir: str | os.PathLike, editor: Callable, ju
     pending = []  # (record, [(name, Query, parse)])
     for case in cases:
         rec = {**asdict(case), "language": case.extra.get("language"), "judge": judge_info}
+        rec.pop("blobs")
         try:
             paths = case.references + ([case.target] if case.target else [])
-            missing = [p for p in paths if not Path(p).is_file()]
+            missing = [p for p in paths if p not in case.blobs and not Path(p).is_file()]
             if missing or not case.references:
                 raise FileNotFoundError(f"missing input image(s): {missing or 'no references found'}")
-            refs = [Image.open(p).convert("RGB") for p in case.references]
+            refs = [_open(p, case.blobs) for p in case.references]
             target = Image.open(case.target).convert("RGB") if case.target else None
         except (OSError, ValueError) as e:
             rec.update(status="skipped", error=str(e))
