@@ -100,10 +100,6 @@ class JudgeBase:
                 out.append(Query(axis, templates[axis], [output]))
         return out
 
-    def value(self, reply: dict | str) -> float:
-        """A reply's value in [0, 1]: ``parse_score / 10``, or P(Yes) in yes/no mode."""
-        raise NotImplementedError
-
     def score_queries(self, queries: list[Query]) -> list[float]:
         """Each question's value in [0, 1], in order."""
         raise NotImplementedError
@@ -251,6 +247,7 @@ class VLMJudge(JudgeBase):
         return body
 
     def value(self, reply: dict) -> float:
+        """A chat-completions reply's value in [0, 1]: ``parse_score / 10``, or P(Yes) in yes/no mode."""
         try:
             choice = reply["choices"][0]
             text = choice["message"]["content"]
