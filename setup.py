@@ -197,8 +197,12 @@ if __name__ == "__main__":
                 "selenium>=4.11",
                 "datasets>=5.2",
                 "ruff",
+                "httpx",
+                "pyarrow",
             ],
             "qwen": ["transformers"],
+            # reward judges served behind an OpenAI-compatible endpoint; benchmark copies in parquet
+            "judge": ["httpx", "pyarrow"],
             "triton": ["triton"],
         },
         entry_points={"console_scripts": ["uniref=uniref.cli:main"]},

@@ -1,0 +1,84 @@
+"""MSGRPO end to end (training/run.py, real DeepSpeed on CPU) with its reward from a served VLM judge: the
+judge is a real chat-completions server on 127.0.0.1, reached through the `module:function` reward spec."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from uniref.testing.judge_server import JudgeServer
+from uniref.training.metrics import read_metrics
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("httpx")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+REWARD_MODULE = """
+import os
+from uniref import rewards
+
+judge = rewards.load("vlm_judge", base_url=os.environ["UNIREF_TEST_JUDGE_URL"], model="test-judge",
+                     max_concurrency=16, retries=1, backoff=0.05, timeout=30)
+"""
+
+CFG = {
+    "task": "msgrpo",
+    "seed": 1,
+    "model": {"preset": "tiny"},
+    "data": {"size": 64, "num_refs": [2, 3]},
+    "optim": {"lr": 1e-3, "weight_decay": 0.0, "schedule": "constant"},
+    "deepspeed": {"zero_stage": 2},
+    "msgrpo": {
+        "phases": [{"data": "compose", "steps": 2}],
+        "prompts_per_step": 2,
+        "group_size": 2,
+        "num_steps": 4,
+        "sde_window": [1, 3],
+        "pixel_budget": 8192,
+        "reward": "judge_reward:judge",
+    },
+    "checkpoint": {"every": 5, "keep_last": 1},
+    "log": {"progress": False, "plot": False},
+}
+
+
+def _run(tmp_path: Path, mode: str, server: JudgeServer):
+    (tmp_path / "judge_reward.py").write_text(REWARD_MODULE)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(CFG))
+    env = dict(os.environ)
+    env.pop("RANK", None)
+    env.update(
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        UNIREF_TEST_JUDGE_URL=server.url(mode),
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]),
+    )
+    cmd = [sys.executable, str(ROOT / "training" / "run.py"), "--config", str(cfg), "--output", str(tmp_path / "out")]
+    return subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_msgrpo_trains_on_a_served_judge(tmp_path):
+    with JudgeServer() as server:
+        proc = _run(tmp_path, "ok", server)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
+        assert len(rows) == 2
+        for name in ("instruction", "consistency_mean", "consistency_min", "quality"):
+            assert all(0 <= r[f"reward/{name}"] <= 1 for r in rows)
+        # 2 steps x 4 rollouts, each: instruction + one question per reference (2-3) + quality
+        assert 2 * 4 * 4 <= server.requests <= 2 * 4 * 5
+
+
+def test_msgrpo_stops_with_the_judges_url_when_it_stays_down(tmp_path):
+    with JudgeServer() as server:
+        proc = _run(tmp_path, "fail", server)
+    assert proc.returncode != 0
+    assert f"{server.url('fail')}/chat/completions" in proc.stderr and "HTTP 500" in proc.stderr
+    assert not (tmp_path / "out" / "final").exists()
