@@ -48,10 +48,10 @@ CFG = {
 }
 
 
-def _run(tmp_path: Path, mode: str, server: JudgeServer):
+def _run(tmp_path: Path, mode: str, server: JudgeServer, config: dict | None = None):
     (tmp_path / "judge_reward.py").write_text(REWARD_MODULE)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(CFG))
+    cfg.write_text(yaml.safe_dump(config or CFG))
     env = dict(os.environ)
     env.pop("RANK", None)
     env.update(
@@ -82,3 +82,40 @@ def test_msgrpo_stops_with_the_judges_url_when_it_stays_down(tmp_path):
     assert proc.returncode != 0
     assert f"{server.url('fail')}/chat/completions" in proc.stderr and "HTTP 500" in proc.stderr
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_msgrpo_rewards_list_with_weights_and_group_filter(tmp_path):
+    """``msgrpo.rewards``: the served judge and the synthetic world's exact reward side by side, each source's
+    axes named ``<source>/<axis>`` with its weights, and Edit-R1's group filter logging what it dropped."""
+    cfg = yaml.safe_load(yaml.safe_dump(CFG))
+    del cfg["msgrpo"]["reward"]
+    cfg["msgrpo"]["rewards"] = [
+        {
+            "name": "vlm_judge",
+            "weight": 0.5,
+            "args": {
+                "base_url": "JUDGE",
+                "model": "test-judge",
+                "retries": 1,
+                "backoff": 0.05,
+                "timeout": 30,
+                "max_concurrency": 16,
+            },
+        },
+        {"name": "synthetic", "weight": [1.0, 0.5, 0.5]},
+    ]
+    cfg["msgrpo"]["group_filter"] = [0.05, 0.9]
+    with JudgeServer() as server:
+        cfg["msgrpo"]["rewards"][0]["args"]["base_url"] = server.url("ok")
+        proc = _run(tmp_path, "ok", server, cfg)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert len(rows) == 2
+    assert all("reward/vlm_judge/quality" in r and "reward/synthetic/integration" in r for r in rows)
+    assert all(0.0 <= r["group_filter/dropped"] <= 1.0 for r in rows)
+    from uniref.training import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"msgrpo.rewards\[0\]: must be \{name, weight, args\}"):
+        load_config(base={**cfg, "msgrpo": {**cfg["msgrpo"], "rewards": [{"name": "nope"}]}})
+    with pytest.raises(ConfigError, match="msgrpo.rewards replaces msgrpo.reward"):
+        load_config(base={**cfg, "msgrpo": {**cfg["msgrpo"], "reward": "judge_reward:judge"}})

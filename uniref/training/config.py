@@ -482,6 +482,12 @@ class MSGRPOConfig:
     budget_mode: BudgetMode = "global"  # as sft.budget_mode
     reward: str = "synthetic"  # synthetic (the world's three rewards) or module:function returning (N, S) rewards
     reward_weights: list[float] | None = None  # one weight per reward source (None: the reward's own)
+    # reward sources of uniref.rewards instead of `reward`: [{name, weight, args}, ...], e.g. a served VLM judge
+    # plus per-reference similarity (the weights: one number per source, or one per axis)
+    rewards: list[dict] | None = None
+    # [eps, min_mean]: drop the groups whose weighted reward has std < eps and mean > min_mean (Edit-R1:
+    # [0.05, 0.9]); the fraction dropped is logged as group_filter/dropped
+    group_filter: list[float] | None = None
     aggregate: Aggregate = "sum_then_normalize"  # weighted sum then group-normalize, or the reverse
     adv_std: AdvStd = "group"  # normalize advantages by each group's std or the whole batch's
     adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip]
@@ -527,6 +533,25 @@ class MSGRPOConfig:
                 bool(self.reward_weights) and all(math.isfinite(w) for w in self.reward_weights),
                 "msgrpo.reward_weights: must be a non-empty list of finite numbers",
             )
+        if self.rewards is not None:
+            from uniref.rewards import available
+
+            c.need(self.reward == "synthetic", "msgrpo.rewards replaces msgrpo.reward: remove one of them")
+            c.need(bool(self.rewards), "msgrpo.rewards: give at least one {name, weight, args}")
+            for i, spec in enumerate(self.rewards):
+                ok = (
+                    isinstance(spec, dict)
+                    and spec.get("name") in available()
+                    and not set(spec) - {"name", "weight", "args"}
+                )
+                c.need(
+                    ok,
+                    f"msgrpo.rewards[{i}]: must be {{name, weight, args}} with name one of {list(available())}, "
+                    f"got {spec!r}",
+                )
+        if self.group_filter is not None:
+            g = self.group_filter
+            c.need(len(g) == 2 and g[0] >= 0, f"msgrpo.group_filter: must be [eps >= 0, min_mean], got {g!r}")
         c.one_of(self.aggregate, Aggregate, "msgrpo.aggregate")
         c.one_of(self.adv_std, AdvStd, "msgrpo.adv_std")
         c.number(self.adv_clip, "msgrpo.adv_clip", 0.0, strict=True)
@@ -612,7 +637,7 @@ class TrainConfig:
             )
         if self.task == "msgrpo" and self.data.source != "synthetic":
             c.need(
-                self.msgrpo.reward != "synthetic",
+                self.msgrpo.reward != "synthetic" or self.msgrpo.rewards is not None,
                 "msgrpo.reward: the synthetic reward scores the synthetic world's tasks only; with data.source "
                 f"{self.data.source!r} give a reward for its rows (module:function, called as fn(records, images))",
             )

@@ -52,15 +52,26 @@ PhaseData = Literal["compose", "edit", "mixed"]  # a phase's synthetic tasks: co
 class RewardFn:
     """A multi-source reward: ``fn(records, images (N, 3, H, W) float in [0, 1]) -> (N, S)`` (records: the
     synthetic world's `Task` objects, or a dataset's `uniref.data.EditRecord` rows), its source
-    names, and the overall score logged beside the sources."""
+    names, the overall score logged beside the sources, and its default per-source weights."""
 
     fn: Callable
     names: tuple[str, ...] | None
     overall: Callable[[Tensor], Tensor] | None
+    weights: list[float] | None = None
 
 
-def load_reward(spec: str) -> RewardFn:
-    """``"synthetic"`` (the world's integration, consistency, quality) or ``"module:function"``."""
+def load_reward(spec: str, sources: list[dict] | None = None) -> RewardFn:
+    """``"synthetic"`` (the world's integration, consistency, quality), ``"module:function"``, or with
+    ``sources`` (``msgrpo.rewards``) the `uniref.rewards` sources side by side with their weights."""
+    if sources is not None:
+        from uniref.rewards import MultiSource
+        from uniref.training.config import ConfigError
+
+        try:
+            multi = MultiSource(sources)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"msgrpo.rewards: {exc}") from exc
+        return RewardFn(multi, multi.names, None, multi.weights)
     if spec == "synthetic":
         from uniref.synthetic import REWARD_NAMES, combine, score_batch
 
@@ -291,7 +302,7 @@ def score_rollout(ro: Rollout, reward: RewardFn, msgrpo_cfg) -> dict:
         raise ValueError(
             f"msgrpo.reward returned shape {tuple(rewards.shape)}; it must return (N, S) for N = {len(ro.tasks)}"
         )
-    weights = msgrpo_cfg.reward_weights
+    weights = msgrpo_cfg.reward_weights if msgrpo_cfg.reward_weights is not None else reward.weights
     if weights is not None and len(weights) != rewards.shape[1]:
         raise ValueError(f"msgrpo.reward_weights has {len(weights)} entries for {rewards.shape[1]} reward sources")
     if not all_finite(rewards):
@@ -306,6 +317,9 @@ def score_rollout(ro: Rollout, reward: RewardFn, msgrpo_cfg) -> dict:
         std=msgrpo_cfg.adv_std,
         clip=msgrpo_cfg.adv_clip,
     )
+    dropped = None
+    if msgrpo_cfg.group_filter is not None:
+        adv, dropped = _filter_groups(rewards, ro.group_ids.cpu(), weights, adv, *msgrpo_cfg.group_filter)
     ro.rewards, ro.advantages = rewards, adv
     names = reward.names or tuple(f"source{i}" for i in range(rewards.shape[1]))
     out = {f"reward/{name}": float(m) for name, m in zip(names, stats["source_mean"])}
@@ -315,7 +329,30 @@ def score_rollout(ro: Rollout, reward: RewardFn, msgrpo_cfg) -> dict:
         local["reward/overall"] = reward.overall(rewards).mean()
     out.update(global_mean(local))
     out["zero_std_fraction"] = float(stats["zero_std_fraction"])
+    if dropped is not None:
+        out["group_filter/dropped"] = dropped
     return out
+
+
+def _filter_groups(rewards: Tensor, group_ids: Tensor, weights, adv: Tensor, eps: float, min_mean: float):
+    """Edit-R1's filter over the whole step (groups may span ranks): the advantages of every sample of a group
+    whose weighted reward has std < eps and mean > min_mean become 0 (it teaches nothing). Returns the
+    advantages and the fraction of groups dropped."""
+    import torch.distributed as dist
+
+    from uniref.rewards import filter_groups
+
+    combined = (rewards * torch.tensor(weights or [1.0] * rewards.shape[1])).sum(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(combined) for _ in range(world)], [torch.empty_like(group_ids) for _ in range(world)]
+        dist.all_gather(parts[0], combined)
+        dist.all_gather(parts[1], group_ids)
+        keep, dropped = filter_groups(torch.cat(parts[0]), torch.cat(parts[1]), eps, min_mean)
+        keep = keep[rank * len(combined) : (rank + 1) * len(combined)]
+    else:
+        keep, dropped = filter_groups(combined, group_ids, eps, min_mean)
+    return adv * keep.to(adv.dtype), dropped
 
 
 def train_on_rollout(engine, ro: Rollout, msgrpo_cfg, ref_model=None, adapters_off=None) -> dict:

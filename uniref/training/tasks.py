@@ -298,7 +298,7 @@ class MsgrpoTask(_PipelineTask):
     def build(self, device: torch.device) -> nn.Module:
         from uniref.training.msgrpo import load_reward
 
-        self.reward = load_reward(self.cfg.msgrpo.reward)
+        self.reward = load_reward(self.cfg.msgrpo.reward, self.cfg.msgrpo.rewards)
         model = super().build(device)
         if self.cfg.msgrpo.kl_beta > 0 and self.cfg.model.lora is None:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
