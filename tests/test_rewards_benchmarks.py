@@ -205,3 +205,46 @@ def test_the_hugging_face_parquet_copy_with_images_in_the_cells(fmt, tmp_path, s
     cases = json.loads((tmp_path / "run/cases.json").read_text())["case_results"]
     assert "train-00000-of-00001.parquet row 2" in cases[2]["error"]
     assert all(r.startswith("data/train-00000-of-00001.parquet row 0") for r in cases[0]["references"])
+
+
+def test_uniref_eval_bench_runs_a_model_against_a_served_judge(tmp_path, server):
+    """``uniref eval --bench gedit --data ... --judge URL --model file.py:fn``: the runner behind the CLI."""
+    import subprocess
+    import sys
+
+    fabricate("gedit", tmp_path / "gedit")
+    (tmp_path / "model.py").write_text(
+        "from PIL import Image\n\ndef fn(images, prompt, **kw):\n    return images[0].convert('RGB')\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "uniref.cli",
+        "eval",
+        "--bench",
+        "gedit",
+        "--data",
+        str(tmp_path / "gedit"),
+        "--judge",
+        server.url("ok"),
+        "--judge-model",
+        "test-judge",
+        "--model",
+        f"{tmp_path / 'model.py'}:fn",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (
+        "judge test-judge at" in proc.stdout and len(list((tmp_path / "out").glob("*model.py_fn/gedit/table.md"))) == 1
+    )
+    down = subprocess.run(
+        cmd[:-2] + ["--out", str(tmp_path / "out2"), "--judge", server.url("fail")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert down.returncode == 2 and down.stderr.startswith("uniref eval: error:") and "Traceback" not in down.stderr
+    missing = subprocess.run(cmd[:6] + ["--model", "copy_first"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "--bench needs --data FOLDER and --judge" in missing.stderr

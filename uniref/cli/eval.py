@@ -150,9 +150,59 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=1,
         help="cases per call of a callable model; > 1 calls fn(list of image lists, list of prompts)",
     )
+    p.add_argument(
+        "--bench",
+        choices=("mico", "omnicontext", "multibanana", "gedit"),
+        help="run a public benchmark from a local copy (--data) with a judge (--judge) instead of the synthetic "
+        "suites; needs pip install -e '.[judge]'",
+    )
+    p.add_argument("--data", metavar="FOLDER", help="the benchmark's local copy (nothing is downloaded)")
+    p.add_argument(
+        "--judge",
+        metavar="URL|local:FOLDER",
+        help="an OpenAI-compatible chat-completions base URL (vLLM / SGLang serve), or local:FOLDER for an "
+        "in-process transformers VLM",
+    )
+    p.add_argument("--judge-model", default="judge", help="the served judge's model name (default: judge)")
+    p.add_argument("--judge-key-env", default=None, help="the environment variable holding the judge's API key, if any")
     p.error = _one_line_error
     p.set_defaults(func=run_eval)
     return p
+
+
+def _judge(args: argparse.Namespace):
+    from uniref import rewards
+
+    if args.judge.startswith("local:"):
+        return rewards.load("vlm_judge_local", path=args.judge[len("local:") :], mode="score")
+    return rewards.load("vlm_judge", base_url=args.judge, model=args.judge_model, api_key_env=args.judge_key_env)
+
+
+def run_bench(args: argparse.Namespace, models: list) -> int:
+    """``--bench``: every model over the local benchmark copy, scored by the judge; tables printed."""
+    from uniref.rewards.benchmarks import run_benchmark
+
+    if not args.data or not args.judge:
+        print("uniref eval: error: --bench needs --data FOLDER and --judge URL|local:FOLDER", file=sys.stderr)
+        return 2
+    judge = _judge(args)
+    for spec, model in models:
+        if isinstance(model, str):
+            print(f"uniref eval: error: --bench runs models, not the synthetic baseline {spec!r}", file=sys.stderr)
+            return 2
+        folder = Path(args.out) / _dir_name(spec) / args.bench
+        result = run_benchmark(
+            args.bench,
+            args.data,
+            lambda prompt, refs: model(refs, prompt),
+            judge,
+            folder,
+            limit=args.limit,
+            grid_cases=args.grid_rows,
+        )
+        print((folder / "table.md").read_text())
+        print(f"{spec}: judge {result['judge']['model']} at {result['judge']['endpoint']}; reports: {folder}/")
+    return 0
 
 
 def _dir_name(spec: str) -> str:
@@ -183,6 +233,12 @@ def run_eval(args: argparse.Namespace) -> int:
     except ModelSpecError as exc:
         print(f"uniref eval: error: {exc}", file=sys.stderr)
         return 2
+    if args.bench:
+        try:
+            return run_bench(args, models)
+        except (ValueError, OSError, RuntimeError) as exc:  # a layout not the benchmark's; a judge that fails
+            print(f"uniref eval: error: {_first_line(exc)}", file=sys.stderr)
+            return 2
     suites = list(SUITES) if "all" in args.suite else list(dict.fromkeys(args.suite))
     results, summary = [], {}
     for spec, model in models:
