@@ -190,3 +190,11 @@ def test_resume_refuses_another_runs_config_or_a_step_past_the_total(finished_ru
         )
         == 4
     )
+    # a checkpoint written before a key existed: the key at its default is no difference, set otherwise it is
+    saved = out / "checkpoints" / "step-00000004" / "config.json"
+    older = json.loads(saved.read_text())
+    del older["data"]["on_bad_row"]
+    saved.write_text(json.dumps(older))
+    assert check_resumable(saved.parent, load_config(path).to_dict(), 4) == 4
+    with pytest.raises(CheckpointError, match=r"data.on_bad_row \('<absent>' -> 'skip'\)"):
+        check_resumable(saved.parent, load_config(path, ["data.on_bad_row=skip"]).to_dict(), 4)

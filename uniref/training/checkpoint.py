@@ -232,10 +232,16 @@ def check_resumable(path: str | Path, config: dict, total_steps: int) -> int:
             f"--resume {path}: no {CONFIG_FILE} (written by an older uniref); start a new run"
         ) from None
     now = _flatten(json.loads(json.dumps(config)))
+    from uniref.training.config import TrainConfig
+
+    # a key a newer uniref added is absent from an older checkpoint's config: at its default, nothing changed
+    defaults = _flatten(json.loads(json.dumps(TrainConfig().to_dict())))
     differ = [
         k
         for k in sorted(set(saved) | set(now))
-        if saved.get(k, "<absent>") != now.get(k, "<absent>") and not any(h.search(k) for h in HARMLESS_KEYS)
+        if saved.get(k, "<absent>") != now.get(k, "<absent>")
+        and not any(h.search(k) for h in HARMLESS_KEYS)
+        and not (k not in saved and k in defaults and now.get(k) == defaults[k])
     ]
     if differ:
         shown = ", ".join(f"{k} ({saved.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r})" for k in differ[:8])
