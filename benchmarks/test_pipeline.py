@@ -75,7 +75,7 @@ def test_step_vs_references(benchmark, pipe, refs, impl):
         refs=refs,
         mode=MODES[impl],
         ref_tokens=ref_tokens,
-        seq_tokens=args[0].max_seqlen + args[2][0],
+        seq_tokens=args[3].max_seqlen + args[4][0],  # (tokens, embeds, t, layout, text_lengths)
         per_image_over_this_tokens=round(per_image_tokens / ref_tokens, 2),
     )
     if MODES[impl] == "global":
