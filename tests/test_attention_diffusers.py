@@ -8,21 +8,13 @@ import torch
 
 import uniref
 from uniref.integrations.diffusers_attention import VarlenJointAttnProcessor, use_varlen_attention
+from uniref.testing.qwen import TINY_TRANSFORMER
 
 # diffusers is imported when a test runs, not when pytest collects this module: importing it pulls in
 # triton, and tests/test_grpo_triton.py must set TRITON_INTERPRET before triton's first import.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="needs diffusers")
 
-TINY = dict(
-    patch_size=2,
-    in_channels=16,
-    out_channels=4,
-    num_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    axes_dims_rope=(4, 6, 6),
-)
+TINY = {**TINY_TRANSFORMER, **{"joint_attention_dim": 32}}
 
 
 def tiny_model():

@@ -20,17 +20,9 @@ from uniref.lora import (
     write_lora,
 )
 from uniref.models.transformer import UniRefTransformer2DModel
+from uniref.testing.qwen import TINY_TRANSFORMER
 
-TINY = dict(
-    patch_size=2,
-    in_channels=16,
-    out_channels=4,
-    num_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=16,
-    axes_dims_rope=(4, 6, 6),
-)
+TINY = TINY_TRANSFORMER
 
 
 def random_lora(model, seed=0, modules=None) -> LoraWeights:

@@ -9,17 +9,9 @@ from peft import LoraConfig, inject_adapter_in_model
 import uniref
 from uniref.models.float8 import Float8Linear, dequantize_linears, quantize_linears
 from uniref.models.transformer import UniRefTransformer2DModel
+from uniref.testing.qwen import TINY_TRANSFORMER
 
-TINY = dict(
-    patch_size=2,
-    in_channels=16,
-    out_channels=4,
-    num_layers=2,
-    attention_head_dim=32,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    axes_dims_rope=(8, 12, 12),
-)
+TINY = {**TINY_TRANSFORMER, **{"joint_attention_dim": 32, "attention_head_dim": 32, "axes_dims_rope": (8, 12, 12)}}
 
 
 def _forward(model, dtype):

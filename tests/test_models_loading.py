@@ -12,17 +12,9 @@ from safetensors.torch import load_file, save_file
 import uniref
 from uniref.models.loading import WeightsError, safetensors_index
 from uniref.models.transformer import UniRefTransformer2DModel
+from uniref.testing.qwen import TINY_TRANSFORMER
 
-TINY = dict(
-    patch_size=2,
-    in_channels=16,
-    out_channels=4,
-    num_layers=3,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    axes_dims_rope=(4, 6, 6),
-)
+TINY = {**TINY_TRANSFORMER, **{"joint_attention_dim": 32, "num_layers": 3}}
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,11 @@ import torch
 import uniref
 from uniref.models import UniRefTransformer2DModel
 from uniref.models.transformer import rope_positions
+from uniref.testing.qwen import TINY_TRANSFORMER
 
 diffusers = pytest.importorskip("diffusers")
 
-TINY = dict(
-    patch_size=2,
-    in_channels=16,
-    out_channels=4,
-    num_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    axes_dims_rope=(4, 6, 6),
-)
+TINY = {**TINY_TRANSFORMER, **{"joint_attention_dim": 32}}
 # three samples with 2, 1 and 4 images (target first) of different sizes, and prompts of 5, 9, 3 tokens
 LAYOUTS = [[(6, 4), (4, 4)], [(4, 8)], [(2, 2), (6, 6), (4, 2), (2, 8)]]
 TEXT_LENGTHS = [5, 9, 3]

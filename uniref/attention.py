@@ -12,13 +12,11 @@ import math
 import torch
 from torch import Tensor
 
+from uniref import attention_backends
 from uniref.attention_backends import (
     BACKENDS,
-    CUDA_DTYPES,
-    CUDA_HEAD_DIMS,
     ENV_BACKEND,
     SUPPORTED_DTYPES,
-    AttentionBackend,
     auto_backend,
     available_backends,
     get_backend,
@@ -26,18 +24,8 @@ from uniref.attention_backends import (
     unavailable_reason,
 )
 
-__all__ = [
-    "BACKENDS",
-    "CUDA_DTYPES",
-    "CUDA_HEAD_DIMS",
-    "ENV_BACKEND",
-    "AttentionBackend",
-    "auto_backend",
-    "available_backends",
-    "get_backend",
-    "unavailable_reason",
-    "varlen_attention",
-]
+# the registry's public names, and the function they serve
+__all__ = [*attention_backends.__all__, "varlen_attention"]
 
 
 def varlen_attention(

@@ -7,7 +7,20 @@ import torch
 
 from uniref.presets import qwenimage_scheduler
 
-__all__ = ["QWEN_SPECIAL_TOKENS", "tiny_qwen_edit_plus"]
+__all__ = ["QWEN_SPECIAL_TOKENS", "TINY_TRANSFORMER", "tiny_qwen_edit_plus"]
+
+#: A tiny Qwen-Image transformer geometry (diffusers' `QwenImageTransformer2DModel` / ours): 4-channel
+#: latents, 2 blocks of 2 heads x 16; tests override what they vary (``{**TINY_TRANSFORMER, "num_layers": 3}``).
+TINY_TRANSFORMER = dict(
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    axes_dims_rope=(4, 6, 6),
+)
 
 QWEN_SPECIAL_TOKENS = {
     "<|endoftext|>": 151643,
@@ -52,16 +65,7 @@ def tiny_qwen_edit_plus():
         Qwen2VLProcessor.check_argument_for_proper_class = check
 
     torch.manual_seed(0)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=16,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        axes_dims_rope=(4, 6, 6),
-    )
+    transformer = QwenImageTransformer2DModel(**TINY_TRANSFORMER)
     vae = AutoencoderKLQwenImage(
         base_dim=24,
         z_dim=4,
