@@ -3,6 +3,7 @@ judge is a real chat-completions server on 127.0.0.1, reached through the `modul
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import yaml
 
 from uniref.testing.judge_server import JudgeServer
 from uniref.training.metrics import read_metrics
+
+from training_helpers import MSGRPO
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("httpx")
@@ -27,25 +30,11 @@ judge = rewards.load("vlm_judge", base_url=os.environ["UNIREF_TEST_JUDGE_URL"], 
                      max_concurrency=16, retries=1, backoff=0.05, timeout=30)
 """
 
-CFG = {
-    "task": "msgrpo",
-    "seed": 1,
-    "model": {"preset": "tiny"},
-    "data": {"size": 64, "num_refs": [2, 3]},
-    "optim": {"lr": 1e-3, "weight_decay": 0.0, "schedule": "constant"},
-    "deepspeed": {"zero_stage": 2},
-    "msgrpo": {
-        "phases": [{"data": "compose", "steps": 2}],
-        "prompts_per_step": 2,
-        "group_size": 2,
-        "num_steps": 4,
-        "sde_window": [1, 3],
-        "pixel_budget": 8192,
-        "reward": "judge_reward:judge",
-    },
-    "checkpoint": {"every": 5, "keep_last": 1},
-    "log": {"progress": False, "plot": False},
-}
+# the training tests' MSGRPO run, shorter, scored by the judge
+CFG = json.loads(json.dumps(MSGRPO))
+CFG["msgrpo"].update(
+    phases=[{"data": "compose", "steps": 2}], group_size=2, num_steps=4, sde_window=[1, 3], reward="judge_reward:judge"
+)
 
 
 def _run(tmp_path: Path, mode: str, server: JudgeServer, config: dict | None = None):
