@@ -12,11 +12,13 @@ import math
 import torch
 from torch import Tensor
 
-from uniref import attention_backends
 from uniref.attention_backends import (
     BACKENDS,
+    CUDA_DTYPES,
+    CUDA_HEAD_DIMS,
     ENV_BACKEND,
     SUPPORTED_DTYPES,
+    AttentionBackend,
     auto_backend,
     available_backends,
     get_backend,
@@ -24,8 +26,18 @@ from uniref.attention_backends import (
     unavailable_reason,
 )
 
-# the registry's public names, and the function they serve
-__all__ = [*attention_backends.__all__, "varlen_attention"]
+__all__ = [
+    "BACKENDS",
+    "CUDA_DTYPES",
+    "CUDA_HEAD_DIMS",
+    "ENV_BACKEND",
+    "AttentionBackend",
+    "auto_backend",
+    "available_backends",
+    "get_backend",
+    "unavailable_reason",
+    "varlen_attention",
+]
 
 
 def varlen_attention(
