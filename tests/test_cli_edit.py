@@ -486,3 +486,23 @@ def test_pipeline_load_errors_are_not_prefixed_twice(model_dir, refs, tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and err.count("cannot load") <= 1 and err.count(str(broken)) == 1, err
     assert "model_index.json is corrupt" in err
+
+
+def test_the_pixel_limit_comes_from_the_model_and_the_machine():
+    """Beyond the fixed sanity bound of --pixel-budget, a request is refused when its planned images (references
+    + output) would not fit this machine's memory for this model; the message names the limit and its source."""
+    import PIL.Image
+
+    from uniref.cli.edit import EditInputError, _check_budget, pixel_limit
+    from uniref.presets import random_edit_pipeline
+
+    pipe = random_edit_pipeline("tiny")
+    limit, why = pixel_limit(pipe)
+    assert limit > 0 and "RAM" in why and "bytes per pixel" in why
+    small, _ = pixel_limit(pipe, memory=64 * 2**20)  # a 64 MiB machine
+    assert small < limit
+    refs = [PIL.Image.new("RGB", (64, 64))] * 2
+    _check_budget(pipe, refs, 4096, "global")  # well within this machine's memory
+    _check_budget(pipe, refs, 4096, "global", memory=64 * 2**20)  # and a 64 MiB one's
+    with pytest.raises(EditInputError, match=rf"over this machine's limit of {small} for this model \(memory"):
+        _check_budget(pipe, refs, 4096 * 4096, "global", memory=64 * 2**20)

@@ -386,11 +386,40 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _check_budget(pipe, images, budget: int, mode: str) -> None:
+def pixel_limit(pipe, memory: int | None = None) -> tuple[int, str]:
+    """The most image pixels (planned references + output) one call of ``pipe`` can hold in ``memory`` bytes
+    (default: this machine's RAM, or the GPU's for a pipeline on CUDA), and how that was derived: the VAE's
+    widest full-resolution activations (its first block's channels, input, output and norm, float32) plus the
+    transformer's per-token activations (its width, 8 values a block in flight) over the pixels of a token."""
+    if memory is None:
+        device = pipe.transformer.device
+        if device.type == "cuda":
+            memory, where = torch.cuda.get_device_properties(device).total_memory, "GPU memory"
+        else:
+            memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+    else:
+        where = "memory"
+    vae = pipe.vae.config
+    first = vae.block_out_channels[0] if "block_out_channels" in vae else vae.base_dim
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    token_pixels = (pipe.vae_scale_factor * pipe.patch_size) ** 2
+    per_pixel = 4 * 3 * first + 4 * 8 * width / token_pixels
+    return int(memory // per_pixel), f"{where} {memory / 2**30:.1f} GiB at about {per_pixel:.0f} bytes per pixel"
+
+
+def _check_budget(pipe, images, budget: int, mode: str, memory: int | None = None) -> None:
     try:
-        pipe.plan_sizes([images], budget, mode, None, None)
+        plans = pipe.plan_sizes([images], budget, mode, None, None)
     except ValueError as exc:
         raise EditInputError(f"--pixel-budget {budget}: {exc}; raise it or pass fewer --image") from None
+    (th, tw), refs = plans[0]
+    pixels = th * tw + sum(h * w for h, w in refs)
+    limit, why = pixel_limit(pipe, memory)
+    if pixels > limit:
+        raise EditInputError(
+            f"--pixel-budget {budget}: the planned images hold {pixels} pixels, over this machine's limit of {limit} "
+            f"for this model ({why}); lower --pixel-budget or use --budget-mode global"
+        )
 
 
 def _check_steps(pipe, steps: int) -> None:

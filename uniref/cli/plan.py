@@ -11,9 +11,16 @@ _VAE, _PATCH = 8, 2
 _MULTIPLE = _VAE * _PATCH
 
 # The demo allocates the target's and the planned references' latents (16 channels at 1/8 size, float32:
-# 1 byte per pixel of the image), so the budget and the target are what bound its memory. 64 megapixels
-# (8192^2, 64x the 1024^2 Qwen-Image works at) keeps it under a few hundred MB on any machine.
-MAX_PLAN_PIXELS = 64 * 1024 * 1024
+# 1 byte per pixel of the image) and packs them (a second copy), so 4 bytes per pixel bound its memory:
+# this machine's RAM over that is the most pixels it may plan.
+PLAN_BYTES_PER_PIXEL = 4
+
+
+def max_plan_pixels() -> int:
+    """The most pixels `uniref plan` may allocate on this machine (its RAM / `PLAN_BYTES_PER_PIXEL`)."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // PLAN_BYTES_PER_PIXEL
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -39,9 +46,13 @@ def run_plan(args: argparse.Namespace) -> int:
     th, tw = args.target
     if th % _MULTIPLE or tw % _MULTIPLE:
         raise ValueError(f"--target {th}x{tw} must have sides that are multiples of {_MULTIPLE}")
+    limit = max_plan_pixels()
     for flag, pixels in (("--target", th * tw), ("--budget", args.budget)):
-        if pixels > MAX_PLAN_PIXELS:
-            raise ValueError(f"{flag}: {pixels} pixels is above the limit of {MAX_PLAN_PIXELS} (8192^2); lower it")
+        if pixels > limit:
+            raise ValueError(
+                f"{flag}: {pixels} pixels is above this machine's limit of {limit} (its RAM at "
+                f"{PLAN_BYTES_PER_PIXEL} bytes per pixel); lower it"
+            )
     sizes = args.size or _DEMO_SIZES
     rows = [
         (mode, plan_reference_sizes(sizes, args.budget, multiple=_MULTIPLE, mode=mode))
@@ -88,7 +99,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--budget",
         type=int,
         default=1024 * 1024,
-        help=f"total reference pixels (default 1024^2, at most {MAX_PLAN_PIXELS})",
+        help="total reference pixels (default 1024^2; at most this machine's RAM / 4)",
     )
     p.add_argument(
         "--target",
