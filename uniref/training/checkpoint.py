@@ -22,11 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import random
 import re
 import shutil
 from pathlib import Path
+from pickle import UnpicklingError  # the weights-only unpickler's refusal (nothing else is used)
 
 import numpy as np
 import torch
@@ -327,7 +327,7 @@ def safe_torch_load(path: str | os.PathLike, map_location=None):
     with torch.serialization.safe_globals(_deepspeed_state_types()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as exc:
+        except UnpicklingError as exc:
             found = re.search(r"GLOBAL (\S+)", str(exc))
             what = f"it names {found.group(1)}" if found else str(exc).splitlines()[0]
             raise CheckpointError(
