@@ -104,6 +104,9 @@ def test_loading_a_lora_file_that_does_not_fit_is_refused(model, tmp_path):
     save_file({"unet.down.weight": torch.zeros(2, 2)}, tmp_path / "bad.safetensors")
     with pytest.raises(LoraError, match="keys of no known LoRA format"):
         read_lora(tmp_path / "bad.safetensors")
+    (tmp_path / "torn.safetensors").write_bytes(b"\x08not a header")
+    with pytest.raises(LoraError, match="torn.safetensors is not a readable safetensors file"):
+        read_lora(tmp_path / "torn.safetensors")
     stem = "lora_unet_transformer_blocks_0_attn_to_zz"
     save_file(
         {f"{stem}.lora_down.weight": torch.zeros(2, 2), f"{stem}.lora_up.weight": torch.zeros(2, 2)},
@@ -113,58 +116,44 @@ def test_loading_a_lora_file_that_does_not_fit_is_refused(model, tmp_path):
         read_lora(tmp_path / "k.safetensors")
 
 
-def test_diffusers_pipeline_loads_our_lora_to_the_same_latents(tmp_path):
+def test_diffusers_pipeline_loads_our_lora_to_the_same_latents(tmp_path, monkeypatch):
     """diffusers' `QwenImageEditPlusPipeline.load_lora_weights` of our file and our pipeline with the same
     adapter merged give the same latents (fp32, tiny random models)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen_module
+
+    import uniref
     from uniref.pipelines import UniRefEditPipeline
     from uniref.testing.qwen import tiny_qwen_edit_plus
 
+    # diffusers sizes references at ~1024^2 (its VAE_IMAGE_SIZE); ours runs per image at the same 64^2
+    monkeypatch.setattr(qwen_module, "VAE_IMAGE_SIZE", 64 * 64)
+    refs = [PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))]
+    common = dict(
+        prompt="make it red",
+        negative_prompt="",
+        true_cfg_scale=1.0,
+        num_inference_steps=3,
+        output_type="latent",
+        height=64,
+        width=64,
+    )
+
+    def ours_tokens(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        latent = pipe(
+            refs, pixel_budget=64 * 64, budget_mode="per_image", generator=torch.Generator().manual_seed(1), **common
+        ).images[0]
+        return uniref.pack_latents([[latent]]).tokens
+
     qwen = tiny_qwen_edit_plus()
     ours = UniRefEditPipeline.from_qwenimage_edit(copy.deepcopy(qwen), target_pixels=64 * 64, attention_backend="cpu")
-    ours.set_progress_bar_config(disable=True)
-    weights = random_lora(ours.transformer, seed=3)
-    file = write_lora(weights, tmp_path / "lora", "diffusers")
+    file = write_lora(random_lora(ours.transformer, seed=3), tmp_path / "lora", "diffusers")
     qwen.load_lora_weights(str(file.parent))
     ours.load_lora(file, merge=True)
-    rng = np.random.default_rng(0)
-    refs = [PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))]
-    common = dict(
-        prompt="make it red", negative_prompt="", true_cfg_scale=1.0, num_inference_steps=3, output_type="latent"
-    )
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen_module
-
-    size = qwen_module.VAE_IMAGE_SIZE
-    qwen_module.VAE_IMAGE_SIZE = 64 * 64
-    try:
-        expected = qwen(image=refs, height=64, width=64, generator=torch.Generator().manual_seed(1), **common).images[0]
-    finally:
-        qwen_module.VAE_IMAGE_SIZE = size
-    got = ours(
-        refs,
-        pixel_budget=64 * 64,
-        budget_mode="per_image",
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(1),
-        **common,
-    ).images[0]
-    import uniref
-
-    got = uniref.pack_latents([[got]]).tokens
-    expected = torch.as_tensor(expected)
-    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    expected = torch.as_tensor(qwen(image=refs, generator=torch.Generator().manual_seed(1), **common).images[0])
+    assert (ours_tokens(ours) - expected).abs().max() <= 1e-4 * expected.abs().max()
     plain = UniRefEditPipeline.from_qwenimage_edit(tiny_qwen_edit_plus(), target_pixels=64 * 64)
-    plain.set_progress_bar_config(disable=True)
-    without = plain(
-        refs,
-        pixel_budget=64 * 64,
-        budget_mode="per_image",
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(1),
-        **common,
-    ).images[0]
-    assert (uniref.pack_latents([[without]]).tokens - expected).abs().max() > 1e-3  # the LoRA changed the output
+    assert (ours_tokens(plain) - expected).abs().max() > 1e-3  # the LoRA changed the output
 
 
 def test_lora_convert_command(model, tmp_path):

@@ -140,14 +140,14 @@ def read_lora(path: str | Path) -> tuple[LoraWeights, LoraFormat]:
         LoraError: not a LoRA file, keys of none of the formats (a few are listed), an A without its B, or
             shapes that do not pair.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     file = _lora_file(Path(path))
     try:
         with safe_open(str(file), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             metadata = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error type for a bad header
+    except (OSError, SafetensorError) as exc:
         raise LoraError(f"{file} is not a readable safetensors file ({exc})") from exc
     keys = list(tensors)
     if keys and all(k.startswith(_KOHYA_PREFIX) for k in keys):

@@ -114,9 +114,8 @@ def _diffsynth(path: Path, root: Path | None, keys: dict, allow_outside: bool):
         where = f"{path.name} row {i}"
         if not isinstance(row, dict):
             raise DatasetError(f"{where}: a row must be a mapping of fields")
-        unknown = [f for f in (k["prompt"],) if f not in row]
-        if unknown:
-            raise DatasetError(f"{where}: no {unknown[0]!r} field (fields: {sorted(row)}); set data.keys.prompt")
+        if k["prompt"] not in row:
+            raise DatasetError(f"{where}: no {k['prompt']!r} field (fields: {sorted(row)}); set data.keys.prompt")
         target = row.get(k["target"])
         return EditRecord(
             id=str(row.get(k["id"], i)),
